@@ -1,0 +1,1 @@
+"""Attention processors, region masks and attention-map stores."""

@@ -1,0 +1,1 @@
+"""Composition methods, one module each, all behind the interface in `composers.base`."""

@@ -1,0 +1,147 @@
+"""Base-model loading behind one function: the bundled default, a local diffusers folder, a single-file
+checkpoint, or a hub id; device and dtype chosen for the machine unless overridden."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from studio import paths
+from studio.errors import ModelNotAvailable, StudioError
+
+log = logging.getLogger(__name__)
+
+FAMILY_SD1 = "SD1.x"
+FAMILY_SD2 = "SD2.x"
+FAMILY_SDXL = "SDXL"
+FAMILY_SHAPES = "shapes-world"  # the bundled default model: its own base (text width 128)
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str
+    dtype: torch.dtype
+    attention: str  # "sdpa" or "xformers"
+
+
+def choose_placement(device: str | None = None, dtype: str | torch.dtype | None = None) -> Placement:
+    """CUDA: fp16 with SDPA (xformers when installed). CPU: fp32 (half precision convolutions are ~80×
+    slower on CPU). Either choice can be overridden."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise StudioError(f"Device {device!r} was requested but CUDA is not available on this machine; use --device cpu.")
+    if isinstance(dtype, str):
+        names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+        if dtype not in names:
+            raise StudioError(f"Unknown dtype {dtype!r}; choose one of fp32, fp16, bf16.")
+        dtype = names[dtype]
+    if dtype is None:
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    attention = "sdpa"
+    if device.startswith("cuda"):
+        try:
+            import xformers  # noqa: F401
+
+            attention = "xformers"
+        except ImportError:
+            pass
+    return Placement(device, dtype, attention)
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    return [k for k in header if k != "__metadata__"]
+
+
+def load_base_model(ref: str | os.PathLike | None = None, device: str | None = None,
+                    dtype: str | torch.dtype | None = None, config: str | os.PathLike | None = None):
+    """Load a text-to-image pipeline.
+
+    `ref` is None (the bundled shapes-world model), a local diffusers folder, a single-file
+    `.safetensors` checkpoint (`config` may name a local diffusers folder of the same architecture, for
+    offline use), or a hub id (needs the network or a populated hub cache).
+    """
+    from diffusers import DiffusionPipeline
+
+    placement = choose_placement(device, dtype)
+    if ref is None:
+        ref = paths.DEFAULT_MODEL
+        if not (Path(ref) / "model_index.json").exists():
+            raise ModelNotAvailable(f"The bundled default model is missing from {ref}; re-clone the repository or "
+                                    "train it with `studio toyworld train`.")
+    path = Path(ref).expanduser()
+    kwargs = dict(torch_dtype=placement.dtype)
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise ModelNotAvailable(f"{path} is a folder but not a diffusers pipeline (it has no model_index.json).")
+        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
+    elif path.is_file():
+        pipe = _load_single_file(path, config, kwargs)
+    elif str(ref).count("/") == 1 and not str(ref).startswith((".", "/", "~")) and not path.suffix:
+        pipe = _load_hub(str(ref), kwargs)
+    else:
+        raise ModelNotAvailable(f"No model at {ref}: give a diffusers folder, a .safetensors checkpoint or a hub id.")
+    pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to(placement.device)
+    if placement.attention == "xformers":
+        pipe.enable_xformers_memory_efficient_attention()
+    pipe._studio_placement = placement
+    return pipe
+
+
+def _load_hub(repo_id: str, kwargs):
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.from_pretrained(repo_id, **kwargs)
+    except Exception as exc:  # the hub client raises many types when offline or when the id is unknown
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(exc).lower() or "offline" in str(exc).lower()
+        reason = "is not available locally and the hub cannot be reached" if offline else f"could not be loaded ({type(exc).__name__})"
+        raise ModelNotAvailable(f"The model {repo_id!r} {reason}; point --model at a local diffusers folder or a "
+                                f".safetensors checkpoint.") from exc
+
+
+def _load_single_file(path: Path, config, kwargs):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if path.suffix.lower() not in (".safetensors",):
+        raise ModelNotAvailable(f"{path.name} is not a .safetensors checkpoint; pickled checkpoints (.ckpt, .pt, .bin) "
+                                "can run code when loaded and are refused.")
+    try:
+        keys = _safetensors_keys(path)
+    except Exception as exc:
+        raise ModelNotAvailable(f"{path.name} is not a readable safetensors file ({exc}).") from exc
+    is_xl = any(k.startswith("conditioner.embedders.1") for k in keys)
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise ModelNotAvailable(f"{path.name} is not a Stable Diffusion checkpoint (no model.diffusion_model weights); "
+                                "is it a LoRA? Load LoRAs from the LoRA library instead.")
+    cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+    extra = {"config": str(config), "local_files_only": True} if config else {}
+    try:
+        return cls.from_single_file(str(path), **extra, **kwargs)
+    except Exception as exc:
+        raise ModelNotAvailable(
+            f"The checkpoint {path.name} could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+            "offline, pass --config with a local diffusers folder of the same architecture.") from exc
+
+
+def model_family(pipe) -> str:
+    """SD1.x, SD2.x, SDXL or shapes-world, from the UNet's cross-attention width (768, 1024, 2048, 128)."""
+    dim = pipe.unet.config.cross_attention_dim
+    dim = dim[0] if isinstance(dim, (list, tuple)) else dim
+    if getattr(pipe, "text_encoder_2", None) is not None or dim == 2048:
+        return FAMILY_SDXL
+    if dim == 1024:
+        return FAMILY_SD2
+    if dim == 128:
+        return FAMILY_SHAPES
+    return FAMILY_SD1

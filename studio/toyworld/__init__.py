@@ -1,0 +1,1 @@
+"""The shapes world: a procedurally rendered domain, its judge, and the bundled default model."""

@@ -1,0 +1,185 @@
+"""Training of the bundled default model: a factor-2 VAE, then the UNet and text encoder jointly.
+
+Seeded and resumable: every batch is drawn from a generator seeded by (seed, step), and a checkpoint
+(weights, EMA, optimiser, step) is written every `checkpoint_every` steps, so re-running the same
+command continues from the last checkpoint and draws the same data it would have drawn.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from studio.toyworld import model as toymodel
+from studio.toyworld.render import image_to_tensor_array, random_scene, render
+
+
+@dataclass
+class BaseTrainConfig:
+    seed: int = 0
+    vae_steps: int = 1200
+    vae_batch_size: int = 16
+    vae_lr: float = 1e-3
+    steps: int = 20000
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    checkpoint_every: int = 250
+
+
+def render_batch(seed: int, step: int, batch_size: int, **scene_kwargs):
+    rng = random.Random(seed * 1_000_003 + step)
+    scenes = [random_scene(rng, **scene_kwargs) for _ in range(batch_size)]
+    images = np.stack([image_to_tensor_array(render(s, rng.randrange(1 << 30))) for s in scenes])
+    return torch.from_numpy(images), [s.caption() for s in scenes]
+
+
+class EMA:
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))  # warm-up of the EMA (as in diffusers' EMAModel)
+        for k, v in module.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_to(self, module: torch.nn.Module) -> None:
+        module.load_state_dict(self.shadow)
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def train_vae(workdir: Path, cfg: BaseTrainConfig, progress: bool = True):
+    """Train (or load) the factor-2 VAE; returns it frozen, with its scaling factor set."""
+    done = workdir / "vae"
+    if (done / "config.json").exists():
+        from diffusers import AutoencoderKL
+        return AutoencoderKL.from_pretrained(str(done)).eval().requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    vae = toymodel.build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
+    bar = tqdm(range(cfg.vae_steps), desc="vae", disable=not progress)
+    for step in bar:
+        images, _ = render_batch(cfg.seed + 7, step, cfg.vae_batch_size)
+        posterior = vae.encode(images).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for group in opt.param_groups:  # cosine decay to 5 %
+            group["lr"] = cfg.vae_lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * step / cfg.vae_steps)))
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        images, _ = render_batch(cfg.seed + 11, 0, 256)
+        latents = vae.encode(images).latent_dist.mean
+        scaling = float(1.0 / latents.std())
+        recon = vae.decode(latents).sample
+        mae = float((recon - images).abs().mean() * 127.5)
+    vae.register_to_config(scaling_factor=scaling)
+    vae.save_pretrained(str(done))
+    (workdir / "vae_report.json").write_text(json.dumps({"scaling_factor": scaling, "recon_mae_0_255": mae}))
+    return vae
+
+
+def train_base(workdir: Path, tokenizer_dir: Path, cfg: BaseTrainConfig, export_dir: Path | None = None,
+               progress: bool = True, max_minutes: float | None = None):
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    vae = train_vae(workdir, cfg, progress)
+    tokenizer = toymodel.build_tokenizer(tokenizer_dir)
+    torch.manual_seed(cfg.seed)
+    unet, text_encoder = toymodel.build_unet(), toymodel.build_text_encoder()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    ema_unet, ema_text = EMA(unet, cfg.ema_decay), EMA(text_encoder, cfg.ema_decay)
+    start = 0
+    ckpt_path = workdir / "checkpoint.pt"
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        unet.load_state_dict(ckpt["unet"])
+        text_encoder.load_state_dict(ckpt["text_encoder"])
+        opt.load_state_dict(ckpt["optimizer"])
+        ema_unet.shadow, ema_text.shadow = ckpt["ema_unet"], ckpt["ema_text"]
+        start = ckpt["step"]
+    noise_scheduler = toymodel.train_scheduler()
+    scaling = vae.config.scaling_factor
+    log = open(workdir / "loss.log", "a")
+    t_end = None if max_minutes is None else time.time() + 60 * max_minutes
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="shapes-world", disable=not progress)
+
+    def checkpoint(step):
+        _save_atomic({"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                      "optimizer": opt.state_dict(), "ema_unet": ema_unet.shadow, "ema_text": ema_text.shadow,
+                      "step": step}, ckpt_path)
+
+    step = start
+    for step in bar:
+        images, captions = render_batch(cfg.seed, step, cfg.batch_size)
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        captions = ["" if torch.rand((), generator=gen) < cfg.caption_dropout else c for c in captions]
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.sample(generator=gen) * scaling
+        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        target = noise_scheduler.get_velocity(latents, noise, t)
+        pred = unet(noisy, t, text_encoder(ids)[0]).sample
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        opt.step()
+        ema_unet.update(unet, step)
+        ema_text.update(text_encoder, step)
+        log.write(f"{step} {loss.item():.5f}\n")
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0:
+            checkpoint(step + 1)
+            log.flush()
+        if t_end is not None and time.time() > t_end:
+            checkpoint(step + 1)
+            break
+    else:
+        checkpoint(cfg.steps)
+    log.close()
+    pipe = ema_pipeline(workdir, tokenizer_dir, vae)
+    if export_dir is not None:
+        toymodel.export_pipeline(pipe, export_dir)
+    return pipe
+
+
+def ema_pipeline(workdir: Path, tokenizer_dir: Path, vae=None):
+    """The pipeline with the EMA weights of the last checkpoint."""
+    vae = vae if vae is not None else train_vae(workdir, BaseTrainConfig(), progress=False)
+    ckpt = torch.load(workdir / "checkpoint.pt", weights_only=True)
+    unet, text_encoder = toymodel.build_unet(), toymodel.build_text_encoder()
+    unet.load_state_dict(ckpt["ema_unet"])
+    text_encoder.load_state_dict(ckpt["ema_text"])
+    pipe = toymodel.assemble_pipeline(copy.deepcopy(vae), text_encoder.eval(), toymodel.build_tokenizer(tokenizer_dir),
+                                      unet.eval())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
