@@ -49,22 +49,62 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to listen on."),
 def generate(preset: Path = typer.Argument(..., help="A preset (.json) or a PNG made by the studio."),
              out: Path = typer.Option(..., "--out", help="Output folder."),
              method: Optional[str] = typer.Option(None, help="Override the preset's method."),
-             seed: Optional[int] = typer.Option(None, help="Override the preset's seed.")):
-    """Generate the image of a preset."""
-    not_built("generate")
+             seed: Optional[int] = typer.Option(None, help="Override the preset's seed."),
+             model: Optional[str] = typer.Option(None, help="Override the preset's base model."),
+             device: Optional[str] = typer.Option(None), dtype: Optional[str] = typer.Option(None)):
+    """Generate the image of a preset; writes the PNG (with its preset inside) and each concept's attention
+    map and mask beside it."""
+    from studio.outputs import write_result
+    from studio.spec import load_preset
+
+    try:
+        composition = load_preset(preset).with_overrides(method=method, seed=seed)
+        from studio.compose import compose
+        from studio.models import load_base_model
+
+        pipe = load_base_model(model or composition.base_model, device=device, dtype=dtype)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=composition.steps, desc=composition.method, leave=False) as bar:
+            result = compose(pipe, composition, callback=lambda info: bar.update(1))
+        written = write_result(result, composition, out, stem=preset.stem)
+    except StudioError as exc:
+        fail(str(exc))
+    for path in written:
+        typer.echo(str(path))
 
 
 @app.command()
 def inspect(lora_file: Path = typer.Argument(..., help="A LoRA file."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Identify a LoRA file without loading its tensors."""
-    not_built("inspect")
+    from studio.lora.inspect import inspect_lora
+
+    try:
+        info = inspect_lora(lora_file)
+    except StudioError as exc:
+        fail(str(exc), as_json)
+    if as_json:
+        print(json.dumps(info.to_json(), indent=1))
+    else:
+        typer.echo(info.summary())
 
 
 @app.command()
 def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
-    """List the composition methods with their parameters."""
-    not_built("methods")
+    """List the composition methods with their parameters, defaults and UNet passes per step."""
+    from composers import registry
+
+    described = [cls.describe() for cls in registry().values()]
+    if as_json:
+        typer.echo(json.dumps(described, indent=1))
+        return
+    for d in described:
+        typer.secho(d["name"], bold=True, nl=False)
+        typer.echo(f"  — {d['summary']}")
+        typer.echo(f"    UNet passes per step: {d['unet_passes_per_step']}")
+        for name, spec in d["params"].items():
+            typer.echo(f"    {name} = {spec['default']!r}  {spec['description']}")
 
 
 @app.command()
@@ -77,6 +117,108 @@ def batch(presets: list[Path] = typer.Argument(None), out: Path = typer.Option(P
 def bench(name: str = typer.Argument("all")):
     """Run a benchmark from bench/ and print its measured ratios."""
     not_built("bench")
+
+
+DEFAULT_RUN = Path.home() / ".cache" / "lora-studio" / "toyworld-run"
+
+
+@toyworld.command("train")
+def toyworld_train(workdir: Path = typer.Option(DEFAULT_RUN, help="Checkpoints and logs (re-running resumes)."),
+                   steps: int = typer.Option(20000, help="Total optimiser steps of the UNet and text encoder."),
+                   seed: int = typer.Option(0),
+                   export: Optional[Path] = typer.Option(None, help="Write the EMA pipeline here when done "
+                                                                    "(e.g. assets/shapes-world)."),
+                   max_minutes: Optional[float] = typer.Option(None, help="Stop (with a checkpoint) after this long."),
+                   threads: Optional[int] = typer.Option(None, help="torch CPU threads.")):
+    """Train the bundled default model (VAE, then UNet + text encoder): seeded and resumable."""
+    import torch
+
+    from studio import paths
+    from studio.toyworld.train import BaseTrainConfig, train_base
+
+    if threads:
+        torch.set_num_threads(threads)
+    train_base(workdir, paths.TOKENIZER, BaseTrainConfig(seed=seed, steps=steps), export_dir=export,
+               max_minutes=max_minutes)
+
+
+@toyworld.command("export")
+def toyworld_export(workdir: Path = typer.Option(DEFAULT_RUN), out: Path = typer.Option(Path("assets/shapes-world"))):
+    """Export the EMA weights of the last checkpoint as a diffusers folder."""
+    from studio import paths
+    from studio.toyworld.model import export_pipeline
+    from studio.toyworld.train import ema_pipeline
+
+    export_pipeline(ema_pipeline(workdir, paths.TOKENIZER), out)
+    typer.echo(f"wrote {out}")
+
+
+@toyworld.command("train-judge")
+def toyworld_train_judge(out: Optional[Path] = typer.Option(None, help="Default: assets/judge/judge.safetensors."),
+                         steps: int = typer.Option(3000), seed: int = typer.Option(0)):
+    """Train the judge and print its accuracy on fresh held-out renders."""
+    from studio import paths
+    from studio.toyworld.judge import train_judge
+
+    report = train_judge(out or paths.JUDGE, steps=steps, seed=seed)
+    typer.echo(json.dumps(report, indent=1))
+
+
+@toyworld.command("evaluate")
+def toyworld_evaluate(model: Optional[str] = typer.Option(None, help="Default: the bundled model."),
+                      n: int = typer.Option(64), steps: int = typer.Option(20), guidance: float = typer.Option(5.0),
+                      images: Optional[Path] = typer.Option(None, help="Also save the generated images here.")):
+    """Score a shapes-world model with the judge on 64 seeded prompts (the README's quality bar)."""
+    from studio.models import load_base_model
+    from studio.toyworld.evaluate import evaluate_model
+
+    try:
+        pipe = load_base_model(model)
+    except StudioError as exc:
+        fail(str(exc))
+    if images:
+        images.mkdir(parents=True, exist_ok=True)
+    typer.echo(json.dumps(evaluate_model(pipe, n=n, steps=steps, guidance=guidance, images_out=images), indent=1))
+
+
+@toyworld.command("train-lora")
+def toyworld_train_lora(kind: str = typer.Option(..., help="concept (a new shape) or style (a new texture)."),
+                        subject: str = typer.Option(..., help="The shape (crescent, cross) or texture (checkered, "
+                                                              "ringed) to teach."),
+                        trigger: str = typer.Option(..., help="The trigger word bound to it."),
+                        out: Path = typer.Option(..., help="Output .safetensors (kohya format)."),
+                        steps: int = typer.Option(800), rank: int = typer.Option(8), seed: int = typer.Option(0),
+                        lr: float = typer.Option(1e-3), model: Optional[str] = typer.Option(None)):
+    """Train an example LoRA on the shapes world (kohya format with ss_* metadata and its trigger word)."""
+    from studio.models import load_base_model
+    from studio.toyworld.lora_train import LoraTrainConfig, train_lora
+
+    if kind not in ("concept", "style"):
+        fail(f"--kind must be concept or style, not {kind!r}.")
+    pipe = load_base_model(model)
+    cfg = LoraTrainConfig(kind=kind, subject=subject, trigger=trigger, steps=steps, rank=rank, seed=seed, lr=lr)
+    command = (f"studio toyworld train-lora --kind {kind} --subject {subject} --trigger {trigger} --out {out} "
+               f"--steps {steps} --rank {rank} --seed {seed} --lr {lr:g}")
+    try:
+        path = train_lora(pipe, cfg, out, command=command)
+    except ValueError as exc:
+        fail(str(exc))
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
+@toyworld.command("evaluate-lora")
+def toyworld_evaluate_lora(lora: Path = typer.Argument(..., help="A shapes-world LoRA made by train-lora."),
+                           n: int = typer.Option(32), steps: int = typer.Option(20),
+                           guidance: float = typer.Option(5.0), weight: float = typer.Option(1.0)):
+    """Score a shapes-world LoRA used alone with the judge (its shape or texture, and colour)."""
+    from studio.models import load_base_model
+    from studio.toyworld.evaluate import evaluate_lora
+
+    try:
+        report = evaluate_lora(load_base_model(), lora, n=n, steps=steps, guidance=guidance, weight=weight)
+    except StudioError as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(report, indent=1))
 
 
 def main() -> None:

@@ -57,3 +57,27 @@ def shapes_pipe():
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """The shapes-world architecture with random weights: fast, for the composition mechanics."""
+    from studio import paths
+    from studio.toyworld import model as toymodel
+
+    torch.manual_seed(0)
+    pipe = toymodel.assemble_pipeline(toymodel.build_vae(), toymodel.build_text_encoder(),
+                                      toymodel.build_tokenizer(paths.TOKENIZER), toymodel.build_unet())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_loras(tiny_pipe, tmp_path_factory):
+    """Two concept LoRAs (triggers 'sks', 'ohwx') and a style LoRA for the tiny pipeline."""
+    from tests.lora_factory import write_random_lora
+
+    folder = tmp_path_factory.mktemp("loras")
+    return {name: write_random_lora(folder / f"{name}.safetensors", tiny_pipe, "shapes_world_v1", seed=seed,
+                                    trigger=trigger)
+            for name, seed, trigger in (("alpha", 1, "sks"), ("beta", 2, "ohwx"), ("gamma", 3, None))}

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from studio.toyworld.render import (BACKGROUNDS, COLOUR_NAMES, IMAGE_SIZE, SHAPES, SLOT_X, TEXTURES, Scene, degrade,
-                                    random_scene, render)
+from studio.toyworld.render import COLOUR_NAMES, IMAGE_SIZE, SHAPES, SLOT_X, TEXTURES, degrade, random_scene, render
 
 NOTHING = "nothing"
 SHAPE_CLASSES = (NOTHING,) + SHAPES
@@ -68,17 +67,44 @@ def background_colour(image: Image.Image) -> np.ndarray:
     return np.median(border, axis=0)
 
 
+def _components(mask: np.ndarray) -> np.ndarray:
+    """4-connected component labels of a small boolean image (0 = background)."""
+    labels = np.zeros(mask.shape, np.int32)
+    current = 0
+    for y, x in zip(*np.nonzero(mask)):
+        if labels[y, x]:
+            continue
+        current += 1
+        stack = [(y, x)]
+        labels[y, x] = current
+        while stack:
+            cy, cx = stack.pop()
+            for ny, nx in ((cy - 1, cx), (cy + 1, cx), (cy, cx - 1), (cy, cx + 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = current
+                    stack.append((ny, nx))
+    return labels
+
+
 def locate(image: Image.Image, region, min_pixels: int = 6, threshold: float = 60.0):
-    """Box (relative) of the foreground pixels inside `region` (relative x0, y0, x1, y1), or None."""
+    """Box (relative) of the object that has most of its pixels inside `region` (relative x0, y0, x1, y1),
+    or None. Objects are connected foreground pixels, dilated by one pixel so that a striped or dotted
+    object stays one piece."""
     arr = np.asarray(image.convert("RGB"), np.float32)
     foreground = np.linalg.norm(arr - background_colour(image), axis=-1) > threshold
+    grown = foreground.copy()
+    grown[1:] |= foreground[:-1]
+    grown[:-1] |= foreground[1:]
+    grown[:, 1:] |= foreground[:, :-1]
+    grown[:, :-1] |= foreground[:, 1:]
+    labels = _components(grown) * foreground
     x0, y0, x1, y1 = (int(round(v * IMAGE_SIZE)) for v in region)
-    window = foreground[y0:y1, x0:x1]
-    if window.sum() < min_pixels:
+    counts = np.bincount(labels[y0:y1, x0:x1].ravel(), minlength=labels.max() + 1)
+    counts[0] = 0
+    if counts.max(initial=0) < min_pixels:
         return None
-    ys, xs = np.nonzero(window)
-    return ((x0 + xs.min()) / IMAGE_SIZE, (y0 + ys.min()) / IMAGE_SIZE,
-            (x0 + xs.max() + 1) / IMAGE_SIZE, (y0 + ys.max() + 1) / IMAGE_SIZE)
+    ys, xs = np.nonzero(labels == counts.argmax())
+    return (xs.min() / IMAGE_SIZE, ys.min() / IMAGE_SIZE, (xs.max() + 1) / IMAGE_SIZE, (ys.max() + 1) / IMAGE_SIZE)
 
 
 def slot_region(slot: str, half_width: float = 0.16):
@@ -123,31 +149,32 @@ class Judge:
         return dict(zip(names, self.classify(image, [slot_region(s) for s in names])))
 
 
-def _training_example(rng: random.Random):
-    """A degraded render and, for one region of it, the crop and its labels."""
+def _training_examples(rng: random.Random):
+    """One degraded render and, for each object in it and for one empty region, a jittered crop and its labels."""
     scene = random_scene(rng, shapes=SHAPES, textures=TEXTURES, allow_held_out=True)
-    if rng.random() < 0.3:  # backgrounds off the three clean tones, as a generator sometimes makes
-        scene.background = rng.choice(tuple(BACKGROUNDS))
     image = degrade(render(scene, rng.randrange(1 << 30)), rng)
-    if rng.random() < 0.15:  # an empty region
-        occupied = {o.slot for o in scene.objects}
-        free = [s for s in SLOT_X if s not in occupied]
-        if free:
-            slot = rng.choice(free)
-            cx, cy, side = SLOT_X[slot] + rng.uniform(-0.05, 0.05), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.35)
-            box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
-            return square_crop(image, box, scale=1.0), (0, 0, 0)
-    obj = rng.choice(scene.objects)
-    x0, y0, x1, y1 = obj.box
-    jitter = (x1 - x0) * 0.12
-    box = (x0 + rng.uniform(-jitter, jitter), y0 + rng.uniform(-jitter, jitter),
-           x1 + rng.uniform(-jitter, jitter), y1 + rng.uniform(-jitter, jitter))
-    crop = square_crop(image, box, scale=rng.uniform(1.1, 1.7))
-    return crop, (SHAPE_CLASSES.index(obj.shape), COLOUR_CLASSES.index(obj.colour), TEXTURE_CLASSES.index(obj.texture))
+    examples = []
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.box
+        jitter = (x1 - x0) * 0.12
+        box = (x0 + rng.uniform(-jitter, jitter), y0 + rng.uniform(-jitter, jitter),
+               x1 + rng.uniform(-jitter, jitter), y1 + rng.uniform(-jitter, jitter))
+        examples.append((square_crop(image, box, scale=rng.uniform(1.1, 1.7)),
+                         (SHAPE_CLASSES.index(obj.shape), COLOUR_CLASSES.index(obj.colour),
+                          TEXTURE_CLASSES.index(obj.texture))))
+    free = [s for s in SLOT_X if s not in {o.slot for o in scene.objects}]
+    if free:
+        cx, cy, side = SLOT_X[rng.choice(free)] + rng.uniform(-0.05, 0.05), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.35)
+        examples.append((square_crop(image, (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2), scale=1.0),
+                         (0, 0, 0)))
+    return examples
 
 
 def _batch(rng: random.Random, n: int):
-    crops, labels = zip(*(_training_example(rng) for _ in range(n)))
+    examples = []
+    while len(examples) < n:
+        examples.extend(_training_examples(rng))
+    crops, labels = zip(*examples[:n])
     return torch.from_numpy(np.stack(crops)), torch.tensor(labels)
 
 

@@ -1,0 +1,296 @@
+"""Break-for-Make (Xu et al., ACM TOG 2025, arXiv 2403.19456; METHODS §4): partly-learnable-projection
+(PLP) adapters for content and style, and their assembly into one ordinary LoRA.
+
+On to_q / to_k / to_v / to_out.0: up = [A; B] (rows; A frozen, B learnable), down = [C | D] (columns;
+C frozen, D learnable), ΔW = [[AC, AD], [BC, BD]]. The content adapter learns D, the style adapter B;
+"make" takes D from the content adapter into the style adapter: [[AC, A·D_c], [B_s·C, B_s·D_c]].
+Assembly is only valid when both adapters share A and C (made from one seed); two ordinary LoRAs have
+arbitrary internal bases, so they are refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from tqdm.auto import tqdm
+
+from composers.base import Composer
+from studio.engine import Session
+from studio.errors import LoraError, PresetError
+
+PLP_TARGETS = (".to_q", ".to_k", ".to_v", ".to_out.0")
+NOT_B4M = ("B4M assembly combines a content and a style adapter trained as B4M partly-learnable projections from "
+           "one seed; {name} is an ordinary LoRA, whose internal basis is arbitrary, so the halves would not fit "
+           "together. Use the merge, regional or another method for ordinary LoRAs.")
+
+
+# --- PLP adapters ----------------------------------------------------------------------------------------
+@dataclass
+class PLPFactors:
+    """One layer's factors: up = [A; B] (out × r), down = [C | D] (r × in)."""
+    A: torch.Tensor  # (out_top, r) frozen
+    B: torch.Tensor  # (out - out_top, r) learnable (style)
+    C: torch.Tensor  # (r, in_left) frozen
+    D: torch.Tensor  # (r, in - in_left) learnable (content)
+
+    @property
+    def up(self) -> torch.Tensor:
+        return torch.cat([self.A, self.B], 0)
+
+    @property
+    def down(self) -> torch.Tensor:
+        return torch.cat([self.C, self.D], 1)
+
+    def delta(self) -> torch.Tensor:
+        return self.up @ self.down
+
+
+def frozen_halves(out_features: int, in_features: int, rank: int, generator: torch.Generator):
+    """A and C of one layer, from the seed: for square layers the rows of one random orthogonal basis
+    (A its first out/2 rows, C the next in/2 rows, transposed); otherwise A = 0 and C random."""
+    top, left = out_features // 2, in_features // 2
+    if out_features == in_features:
+        basis, _ = torch.linalg.qr(torch.randn(out_features, rank, generator=generator))
+        return basis[:top].clone(), basis[top:top + left].T.clone()
+    return torch.zeros(top, rank), torch.randn(rank, left, generator=generator) / left ** 0.5
+
+
+def create_plp_adapter(unet: nn.Module, rank: int, seed: int) -> dict[str, PLPFactors]:
+    """PLP factors for every attention projection of the UNet; B and D start at zero. Two adapters made
+    with one seed have identical A and C."""
+    generator = torch.Generator().manual_seed(seed)
+    factors = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, nn.Linear) and name.endswith(PLP_TARGETS):
+            A, C = frozen_halves(module.out_features, module.in_features, rank, generator)
+            factors[name] = PLPFactors(A, torch.zeros(module.out_features - A.shape[0], rank), C,
+                                       torch.zeros(rank, module.in_features - C.shape[1]))
+    return factors
+
+
+def frozen_fingerprint(factors: dict[str, PLPFactors]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(factors):
+        digest.update(name.encode())
+        digest.update(factors[name].A.float().numpy().tobytes())
+        digest.update(factors[name].C.float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# --- files -----------------------------------------------------------------------------------------------
+def save_plp_adapter(path: Path, factors: dict[str, PLPFactors], role: str, seed: int, extra: dict | None = None):
+    """A B4M adapter is saved as an ordinary kohya LoRA (up = [A; B], down = [C | D], alpha = rank) plus
+    metadata saying which halves are frozen, so that it also loads and runs on its own."""
+    from studio.lora.kohya_export import save_kohya
+
+    modules = {("unet", name): (f.down, f.up, float(f.A.shape[1])) for name, f in factors.items()}
+    meta = {"b4m_role": role, "b4m_seed": str(seed), "b4m_frozen": frozen_fingerprint(factors),
+            "b4m_splits": json.dumps({n: [f.A.shape[0], f.C.shape[1]] for n, f in factors.items()}),
+            "ss_base_model_version": "shapes_world_v1"}
+    meta.update(extra or {})
+    return save_kohya(path, modules, meta, dtype=torch.float32)
+
+
+def read_plp_adapter(path: Path) -> tuple[dict[str, PLPFactors], dict]:
+    from studio.lora import load_lora
+
+    weights = load_lora(path)
+    meta = weights.info.metadata
+    if "b4m_role" not in meta:
+        raise LoraError(NOT_B4M.format(name=Path(path).name))
+    splits = json.loads(meta["b4m_splits"])
+    factors = {}
+    for (component, target), module in weights.modules.items():
+        top, left = splits[target]
+        up, down = module.up, module.down
+        factors[target] = PLPFactors(up[:top], up[top:], down[:, :left], down[:, left:])
+    return factors, meta
+
+
+def assemble(content_path: Path, style_path: Path, out_path: Path | None = None) -> dict[str, PLPFactors]:
+    """"Make": the style adapter with the content adapter's D: ΔW = [[AC, A·D_c], [B_s·C, B_s·D_c]]."""
+    content, content_meta = read_plp_adapter(content_path)
+    style, style_meta = read_plp_adapter(style_path)
+    if content_meta["b4m_role"] != "content" or style_meta["b4m_role"] != "style":
+        raise LoraError(f"B4M assembly needs a content adapter and a style adapter; {Path(content_path).name} is "
+                        f"{content_meta['b4m_role']} and {Path(style_path).name} is {style_meta['b4m_role']}.")
+    if content_meta["b4m_frozen"] != style_meta["b4m_frozen"] or set(content) != set(style) or not all(
+            torch.equal(content[n].A, style[n].A) and torch.equal(content[n].C, style[n].C) for n in content):
+        raise LoraError(f"{Path(content_path).name} and {Path(style_path).name} were not created from the same seed "
+                        "(their frozen halves A and C differ), so they cannot be assembled.")
+    fused = {n: PLPFactors(style[n].A, style[n].B, style[n].C, content[n].D) for n in content}
+    if out_path is not None:
+        save_plp_adapter(out_path, fused, "assembled", int(style_meta["b4m_seed"]),
+                         {"b4m_content": Path(content_path).name, "b4m_style": Path(style_path).name})
+    return fused
+
+
+# --- break: training one adapter ---------------------------------------------------------------------------
+class PLPLinear(nn.Module):
+    """A Linear with a PLP adapter whose learnable halves are parameters (training only)."""
+
+    def __init__(self, base: nn.Linear, factors: PLPFactors):
+        super().__init__()
+        self.base = base
+        self.register_buffer("A", factors.A.clone())
+        self.register_buffer("C", factors.C.clone())
+        self.B = nn.Parameter(factors.B.clone())
+        self.D = nn.Parameter(factors.D.clone())
+
+    def forward(self, x):
+        up = torch.cat([self.A, self.B], 0)
+        down = torch.cat([self.C, self.D], 1)
+        return self.base(x) + F.linear(F.linear(x, down), up)
+
+    def factors(self) -> PLPFactors:
+        return PLPFactors(self.A.detach().clone(), self.B.detach().clone(), self.C.detach().clone(),
+                          self.D.detach().clone())
+
+
+@dataclass
+class BreakConfig:
+    role: str  # "content" | "style"
+    kind: str  # what the main images teach: "concept" (a shape) or "style" (a texture)
+    subject: str
+    trigger: str
+    seed: int = 0  # the shared seed of the frozen halves
+    rank: int = 8
+    steps: int = 400
+    batch_size: int = 8
+    main_lr: float = 1e-3  # official 1e-4 on SD; the tiny model learns faster
+    aux_lr: float = 1e-4  # official 1e-5
+    data_seed: int = 1
+
+
+def _wrap(unet: nn.Module, factors: dict[str, PLPFactors]) -> dict[str, PLPLinear]:
+    wrapped = {}
+    for name, f in factors.items():
+        parent, _, child = name.rpartition(".")
+        owner = unet.get_submodule(parent)
+        layer = PLPLinear(getattr(owner, child) if not child.isdigit() else owner[int(child)], f)
+        if child.isdigit():
+            owner[int(child)] = layer
+        else:
+            setattr(owner, child, layer)
+        wrapped[name] = layer
+    return wrapped
+
+
+def _unwrap(unet: nn.Module, wrapped: dict[str, PLPLinear]) -> None:
+    for name, layer in wrapped.items():
+        parent, _, child = name.rpartition(".")
+        owner = unet.get_submodule(parent)
+        if child.isdigit():
+            owner[int(child)] = layer.base
+        else:
+            setattr(owner, child, layer.base)
+
+
+def break_train(pipe, cfg: BreakConfig, out_path: Path, progress: bool = True, command: str = "") -> Path:
+    """Train one PLP adapter on the shapes world. Content: D on images of the concept, B (at the low aux lr)
+    on auxiliary style sets (base scenes in each base texture). Style: B on images in the style, D (aux lr)
+    on auxiliary content (base scenes)."""
+    from studio.toyworld.lora_train import LoraTrainConfig, lora_scene
+    from studio.toyworld.model import train_scheduler
+    from studio.toyworld.render import BASE_TEXTURES, image_to_tensor_array, random_scene, render
+
+    unet, vae, tokenizer, text_encoder = pipe.unet, pipe.vae, pipe.tokenizer, pipe.text_encoder
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+    factors = create_plp_adapter(unet, cfg.rank, cfg.seed)
+    wrapped = _wrap(unet, factors)
+    main = [l.D if cfg.role == "content" else l.B for l in wrapped.values()]
+    aux = [l.B if cfg.role == "content" else l.D for l in wrapped.values()]
+    opt = torch.optim.AdamW([{"params": main, "lr": cfg.main_lr}, {"params": aux, "lr": cfg.aux_lr}])
+    scene_cfg = LoraTrainConfig(kind=cfg.kind, subject=cfg.subject, trigger=cfg.trigger)
+    noise_scheduler = train_scheduler()
+    rng = random.Random(cfg.data_seed)
+    try:
+        for step in tqdm(range(cfg.steps), desc=f"b4m {cfg.role}", disable=not progress):
+            scenes = []
+            for i in range(cfg.batch_size):
+                if i % 2 == 0:
+                    scenes.append(lora_scene(rng, scene_cfg))
+                else:  # the auxiliary set: plain scenes, one base texture per batch
+                    scene = random_scene(rng)
+                    texture = BASE_TEXTURES[step % len(BASE_TEXTURES)]
+                    for obj in scene.objects:
+                        obj.texture = texture
+                    scenes.append(scene)
+            images = torch.from_numpy(np.stack([image_to_tensor_array(render(s, rng.randrange(1 << 30)))
+                                                for s in scenes]))
+            gen = torch.Generator().manual_seed(cfg.data_seed * 7919 + step)
+            with torch.no_grad():
+                latents = vae.encode(images).latent_dist.sample(generator=gen) * vae.config.scaling_factor
+                ids = tokenizer([s.caption() for s in scenes], padding="max_length", max_length=77, truncation=True,
+                                return_tensors="pt").input_ids
+                embeds = text_encoder(ids)[0]
+            noise = torch.randn(latents.shape, generator=gen)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(scenes),), generator=gen)
+            pred = unet(noise_scheduler.add_noise(latents, noise, t), t, embeds).sample
+            loss = F.mse_loss(pred, noise_scheduler.get_velocity(latents, noise, t))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        trained = {name: layer.factors() for name, layer in wrapped.items()}
+    finally:
+        _unwrap(unet, wrapped)
+    meta = {"modelspec.trigger_phrase": cfg.trigger, "ss_tag_frequency": json.dumps({"b4m": {cfg.trigger: cfg.steps}}),
+            "ss_training_comment": command, "studio_b4m_config": json.dumps(asdict(cfg))}
+    return save_plp_adapter(out_path, trained, cfg.role, cfg.seed, meta)
+
+
+# --- the composer ----------------------------------------------------------------------------------------
+class B4MParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weight: float = Field(1.0, description="Weight of the assembled adapter.")
+
+
+class B4MComposer(Composer):
+    name = "b4m"
+    summary = ("Break-for-Make: assemble a B4M content adapter and a B4M style adapter (same seed) into one "
+               "LoRA; refuses ordinary LoRAs.")
+    passes_doc = "1 (the assembled adapter is one ordinary LoRA)"
+    Params = B4MParams
+
+    def setup(self, session: Session) -> None:
+        from studio.lora.inject import attached_adapters
+
+        roles = {name: session.loras[name].info.metadata.get("b4m_role") for name in session.adapters}
+        for name, role in roles.items():
+            if role is None:
+                raise PresetError(NOT_B4M.format(name=Path(session.adapters[name].file).name))
+        content = [n for n, r in roles.items() if r == "content"]
+        style = [n for n, r in roles.items() if r == "style"]
+        if len(content) != 1 or len(style) != 1:
+            raise PresetError("The b4m method needs exactly one B4M content adapter and one B4M style adapter.")
+        fused = assemble(Path(session.adapters[content[0]].file), Path(session.adapters[style[0]].file))
+        self._deltas = fused
+        self._restore = attached_adapters(session.pipe)
+        self._patch(session, fused)
+        self.cond = session.encode([session.prompt], [session.negative_prompt], text_adapters=[])
+
+    def _patch(self, session: Session, fused: dict[str, PLPFactors]) -> None:
+        """The assembled adapter replaces the two: both set to weight 0, the fused one attached."""
+        from studio.lora.inject import attach_lora, set_lora_weights
+        from studio.lora.weights import LoraModule, LoraWeights
+
+        set_lora_weights(session.pipe, {name: 0.0 for name in session.adapters})
+        first = session.loras[next(iter(session.adapters))]
+        modules = {("unet", n): LoraModule("unet", n, f.down, f.up, None, None, 1.0) for n, f in fused.items()}
+        attach_lora(session.pipe, LoraWeights("b4m_assembled", first.info, modules), "b4m_assembled",
+                    self.params.weight)
+
+    def teardown(self, session: Session) -> None:
+        from studio.lora.inject import detach_lora, set_lora_weights
+
+        detach_lora(session.pipe, "b4m_assembled")
+        set_lora_weights(session.pipe, self._restore)

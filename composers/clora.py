@@ -1,0 +1,203 @@
+"""CLoRA (Meral et al., ICCV 2025, arXiv 2403.19776; METHODS §3): contrastive attention guidance and
+attention-derived masks, no boxes.
+
+Each concept LoRA k has its own prompt describing the whole scene with its trigger on its subject; a
+base prompt has no trigger. Pass 0 (base prompt, no LoRA) and pass k (prompt k, only LoRA k) are batched
+into ONE UNet call of 2(N+1) rows: LoRA k's deltas are gated to its own rows (the regional mechanism,
+over the batch instead of space). Style LoRAs act in every row.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from attention.processors import composer_layers, install_processors
+from attention.store import AttentionStore
+from attention.tokens import token_indices
+from composers.base import Composer
+from composers.regional import attach_gates, detach_gates
+from studio.engine import Conditioning, Session, classifier_free_guidance, unet_pass
+from studio.errors import PresetError
+
+
+class ClorParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    latent_update: bool = Field(True, description="Contrastive guidance of the latents.")
+    max_iter: int = Field(30, ge=0, description="Guide steps 0..max_iter-1 (official 30; notebook 50).")
+    step_size: float = Field(20.0, description="z ← z − step·∇z (constant).")
+    inner_steps: list[int] = Field([0, 10, 20], description="Steps at which the update repeats `inner_iters` times.")
+    inner_iters: int = Field(20, ge=1)
+    temperature: float = Field(0.5, gt=0, description="NT-Xent temperature.")
+    mask_threshold: float = Field(0.3, ge=0, le=1, description="M_k = A_k > α·max A_k (official 0.3; notebook 0.4).")
+    mask_dilate: int = Field(0, ge=0, description="Optional dilation of the masks, in latent pixels.")
+    subjects: list[str] = Field(default_factory=list, description="Per concept LoRA, the words naming its subject "
+                                                                   "in every prompt (e.g. 'dog', 'cat').")
+
+
+def nt_xent_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """NT-Xent over (n, d) embeddings: same-label rows are positives (SupCon's multi-positive form)."""
+    z = F.normalize(embeddings, dim=-1)
+    similarity = z @ z.T / temperature
+    n = len(z)
+    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+    similarity = similarity.masked_fill(self_mask, float("-inf"))
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    log_prob = similarity - torch.logsumexp(similarity, dim=1, keepdim=True)
+    has_positive = positives.any(1)
+    per_anchor = -(log_prob.masked_fill(~positives, 0.0).sum(1) / positives.sum(1).clamp(min=1))
+    return per_anchor[has_positive].mean()
+
+
+def minmax(x: torch.Tensor) -> torch.Tensor:
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    return (x - lo) / (hi - lo).clamp(min=1e-8)
+
+
+class ClorComposer(Composer):
+    name = "clora"
+    summary = ("CLoRA: contrastive attention guidance keeps each concept LoRA on its own subject; masks from "
+               "its attention fuse the noise predictions (no boxes).")
+    passes_doc = ("1 batched call of 2(N+1) rows; on guided steps +1 conditional forward+backward of N+1 rows "
+                  "(×20 at steps 0, 10, 20)")
+    Params = ClorParams
+
+    def setup(self, session: Session) -> None:
+        concepts = list(session.concepts())
+        if not concepts:
+            raise PresetError("CLoRA needs at least one concept LoRA.")
+        styles = list(session.styles())
+        n = len(concepts)
+        self.concepts = concepts
+        rows = 2 * (n + 1) if session.do_cfg else n + 1
+        ctrl = session.controller
+        for k, name in enumerate(concepts, start=1):
+            selector = torch.zeros(rows)
+            selector[k] = 1.0
+            if session.do_cfg:
+                selector[n + 1 + k] = 1.0
+            ctrl.adapter_batch_rows[name] = selector
+        prompts = [session.prompt] + [session.adapters[c].prompt or session.prompt for c in concepts]
+        negatives = [session.negative_prompt] + [
+            session.adapters[c].negative_prompt if session.adapters[c].negative_prompt is not None
+            else session.negative_prompt for c in concepts]
+        parts = [session.encode([prompts[0]], [negatives[0]], text_adapters=styles)]
+        parts += [session.encode([p], [q], text_adapters=[c] + styles) for c, p, q in zip(concepts, prompts[1:], negatives[1:])]
+        if session.do_cfg:  # rows [uncond_0..uncond_N, cond_0..cond_N]
+            self.cond = Conditioning.cat([c.rows(slice(0, 1)) for c in parts] + [c.rows(slice(1, 2)) for c in parts])
+        else:
+            self.cond = Conditioning.cat(parts)
+        self.n_rows = n + 1
+        self.token_groups = self._token_groups(session, prompts)
+        self._previous = install_processors(session.pipe.unet, ctrl)
+        self._gates = attach_gates(session)
+        self.map_layers = set(composer_layers(session.pipe.unet))
+        self.masks: dict[str, torch.Tensor] = {}
+        self.maps: dict[str, torch.Tensor] = {}
+        self.loss_history: list[float] = []
+        self.guided_calls = 0
+
+    def _token_groups(self, session: Session, prompts: list[str]) -> list[tuple[int, int, list[int]]]:
+        """(concept id, prompt row, token positions) for every concept found in every prompt."""
+        tokenizer = session.pipe.tokenizer
+        subjects = self.params.subjects
+        groups = []
+        for k, name in enumerate(self.concepts):
+            words = list(session.adapters[name].trigger_words)
+            if k < len(subjects):
+                words.append(subjects[k])
+            for row, prompt in enumerate(prompts):
+                positions = token_indices(tokenizer, prompt, words)
+                if positions:
+                    groups.append((k, row, positions))
+        if not any(row == k + 1 for k, row, _ in groups):
+            raise PresetError("CLoRA found no concept's trigger words in its own prompt; give each concept LoRA a "
+                              "prompt containing its trigger words.")
+        return groups
+
+    def _maps(self, store: AttentionStore) -> torch.Tensor:
+        """(rows, queries, tokens): mean over composer layers and heads, conditional rows only."""
+        return torch.stack([m.mean(1) for m in store.maps.values()]).mean(0)
+
+    def _conditional_store(self, session: Session, latents: torch.Tensor, t, keep_grad: bool) -> torch.Tensor:
+        ctrl = session.controller
+        saved = dict(ctrl.adapter_batch_rows)
+        ctrl.adapter_batch_rows = {k: v[-self.n_rows:] for k, v in saved.items()}  # conditional rows only
+        ctrl.store = AttentionStore(self.map_layers, keep_grad=keep_grad)
+        try:
+            cond_rows = self.cond.rows(slice(-self.n_rows, None))
+            unet_pass(session.pipe, latents.expand(self.n_rows, -1, -1, -1), t, cond_rows)
+            maps = self._maps(ctrl.store)
+        finally:
+            ctrl.adapter_batch_rows = saved
+            ctrl.store = None
+        self.guided_calls += 1
+        return maps
+
+    def _loss(self, maps: torch.Tensor) -> torch.Tensor:
+        embeddings, labels = [], []
+        for k, row, positions in self.token_groups:
+            for position in positions:
+                embeddings.append(minmax(maps[row, :, position]))
+                labels.append(k)
+        return nt_xent_loss(torch.stack(embeddings), torch.tensor(labels), self.params.temperature)
+
+    def guide(self, session: Session, latents: torch.Tensor, step: int, t) -> torch.Tensor:
+        p = self.params
+        if not p.latent_update or step >= p.max_iter or len(self.concepts) < 2:
+            return latents
+        for _ in range(p.inner_iters if step in p.inner_steps else 1):
+            z = latents.detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss = self._loss(self._conditional_store(session, z, t, keep_grad=True))
+                grad, = torch.autograd.grad(loss, z)
+            self.loss_history.append(float(loss))
+            latents = (z - p.step_size * grad).detach()
+        return latents
+
+    def predict(self, session: Session, latents: torch.Tensor, step: int, t) -> torch.Tensor:
+        ctrl = session.controller
+        ctrl.store = AttentionStore(self.map_layers, batch_index=slice(-self.n_rows, None))
+        out = unet_pass(session.pipe, latents.expand(self.cond.embeds.shape[0], -1, -1, -1), t, self.cond)
+        maps = self._maps(ctrl.store)
+        ctrl.store = None
+        weights = self._fusion_weights(session, maps, latents.shape[-2:])  # (N+1, H, W)
+        if session.do_cfg:
+            uncond, cond = out[: self.n_rows], out[self.n_rows:]
+            fused_u = (uncond * weights[:, None]).sum(0, keepdim=True)
+            fused_c = (cond * weights[:, None]).sum(0, keepdim=True)
+            return classifier_free_guidance(fused_u, fused_c, session.guidance)
+        return (out * weights[:, None]).sum(0, keepdim=True)
+
+    def _fusion_weights(self, session: Session, maps: torch.Tensor, latent_hw) -> torch.Tensor:
+        """M_k = [A_k > α·max A_k] over concept k's tokens in its own prompt, upsampled to the latent;
+        overlaps average, pixels no mask covers take pass 0."""
+        grid = session.controller.grid(maps.shape[1])
+        masks = []
+        for k, name in enumerate(self.concepts):
+            positions = [pos for c, row, group in self.token_groups if c == k and row == k + 1 for pos in group]
+            attn = maps[k + 1, :, positions].sum(-1).reshape(grid) if positions else maps.new_zeros(grid)
+            mask = (attn > self.params.mask_threshold * attn.max()).float() if positions else attn
+            mask = F.interpolate(mask[None, None], size=tuple(latent_hw), mode="nearest")[0, 0]
+            if self.params.mask_dilate:
+                size = 2 * self.params.mask_dilate + 1
+                mask = F.max_pool2d(mask[None, None], size, stride=1, padding=self.params.mask_dilate)[0, 0]
+            masks.append(mask)
+            self.maps[name] = (attn / attn.max().clamp(min=1e-8)).cpu()
+            self.masks[name] = mask.cpu()
+        stacked = torch.stack(masks)
+        total = stacked.sum(0)
+        concept_weights = stacked / total.clamp(min=1.0)
+        background = (total == 0).float()
+        return torch.cat([background[None], concept_weights]).to(maps.dtype)
+
+    def maps_and_masks(self, session: Session):
+        return dict(self.maps), dict(self.masks)
+
+    def passes(self, session: Session) -> float:
+        return 1.0 + self.guided_calls / session.steps
+
+    def teardown(self, session: Session) -> None:
+        session.pipe.unet.set_attn_processor(self._previous)
+        detach_gates(self._gates)
+        session.controller.adapter_batch_rows = {}

@@ -1,0 +1,95 @@
+"""Run a composition: load and attach its LoRAs, run its method in the shared sampler loop, and leave the
+pipeline exactly as it was (adapters detached, processors restored), whatever happens."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from attention.controller import CompositionController
+from composers import get_composer
+from studio.engine import ComposeResult, Session, StepInfo, sample
+from studio.errors import LoraError, PresetError
+from studio.generation import default_size
+from studio.spec import Composition
+
+
+def adapter_name(index: int, file: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_]", "_", Path(file).stem)[:40]
+    return f"l{index}_{stem}"
+
+
+def load_entries(composition: Composition) -> dict:
+    """LoraWeights for each entry, its sha256 checked when the preset names one."""
+    from studio.lora import load_lora
+
+    loaded = {}
+    for i, entry in enumerate(composition.loras):
+        path = Path(entry.file).expanduser()
+        if not path.exists():
+            raise LoraError(f"The LoRA file {entry.file} named in the preset does not exist.")
+        weights = load_lora(path)
+        if entry.sha256 and weights.info.sha256 != entry.sha256.lower():
+            raise LoraError(f"{path.name} does not match the sha256 the preset recorded; the file has changed.")
+        loaded[adapter_name(i, entry.file)] = (entry, weights)
+    return loaded
+
+
+def compose(pipe, composition: Composition, callback: Callable[[StepInfo], bool | None] | None = None,
+            loaded: dict | None = None) -> ComposeResult:
+    from studio.lora.inject import attach_lora, detach_lora
+
+    composer_cls = get_composer(composition.method)
+    composer = composer_cls(_params(composer_cls, composition))
+    if composer_cls.needs_regions is True and not any(e.region for e in composition.loras if e.role == "concept") \
+            and composition.method != "regional":
+        raise PresetError(f"The method {composition.method!r} needs a region (box or mask) for each concept LoRA.")
+    loaded = loaded if loaded is not None else load_entries(composition)
+    size = default_size(pipe)
+    height, width = composition.height or size, composition.width or size
+    factor = pipe.vae_scale_factor
+    if height % factor or width % factor:
+        raise PresetError(f"The size {width}×{height} is not a multiple of this model's latent factor {factor}.")
+    session = Session(pipe=pipe, prompt=composition.prompt, negative_prompt=composition.negative_prompt,
+                      height=height, width=width, steps=composition.steps, guidance=composition.guidance,
+                      generator=torch.Generator("cpu").manual_seed(composition.seed),
+                      controller=CompositionController((height // factor, width // factor)))
+    attached = []
+    try:
+        for name, (entry, weights) in loaded.items():
+            attach_lora(pipe, weights, name, entry.weight)
+            attached.append(name)
+            session.adapters[name] = entry
+            session.loras[name] = weights
+        session.embedding_transform = _decor_transform(pipe, composition.decor, composition.decor_strength)
+        session.adapter_transforms = {name: _decor_transform(pipe, entry.decor, entry.decor_strength)
+                                      for name, entry in session.adapters.items() if entry.decor}
+        composer.setup(session)
+        try:
+            return sample(session, composer, callback)
+        finally:
+            composer.teardown(session)
+    finally:
+        for name in reversed(attached):
+            detach_lora(pipe, name)
+
+
+def _params(composer_cls, composition: Composition):
+    from pydantic import ValidationError
+
+    from studio.spec import describe_validation_error
+
+    try:
+        return composer_cls.Params.model_validate(composition.params)
+    except ValidationError as exc:
+        raise PresetError(describe_validation_error(exc, f"params of method {composition.method!r}")) from None
+
+
+def _decor_transform(pipe, words: list[str], strength: float):
+    if not words:
+        return None
+    from composers.decor import decor_transform
+
+    return decor_transform(pipe, words, strength)

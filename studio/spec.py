@@ -1,0 +1,143 @@
+"""The composition spec: what a preset saves, versioned and JSON-serialisable (pydantic)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from studio.errors import PresetError
+
+SPEC_VERSION = 1
+
+
+class Region(BaseModel):
+    """Where a concept goes: a box in relative coordinates (x0, y0, x1, y1), or a painted mask image
+    (path of a greyscale PNG; white = inside)."""
+    model_config = ConfigDict(extra="forbid")
+
+    box: Optional[tuple[float, float, float, float]] = None
+    mask: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.box is None) == (self.mask is None):
+            raise ValueError("a region needs exactly one of `box` or `mask`")
+        if self.box is not None:
+            x0, y0, x1, y1 = self.box
+            if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+                raise ValueError(f"box {self.box} must satisfy 0 ≤ x0 < x1 ≤ 1 and 0 ≤ y0 < y1 ≤ 1")
+        return self
+
+
+class LoraEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    file: str
+    sha256: Optional[str] = Field(None, description="Full sha256 of the file, checked when loading.")
+    weight: float = 1.0
+    role: Literal["concept", "style"] = "concept"
+    trigger_words: list[str] = Field(default_factory=list)
+    region: Optional[Region] = None
+    prompt: Optional[str] = Field(None, description="Region prompt (concepts); default: the global prompt.")
+    negative_prompt: Optional[str] = None
+    decor: list[str] = Field(default_factory=list, description="Words whose embedding span DECOR removes "
+                                                               "while this LoRA is used.")
+    decor_strength: float = Field(1.0, ge=0.0, le=1.0)
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, value):
+        if not -4.0 <= value <= 4.0:
+            raise ValueError(f"weight {value} is outside [-4, 4]")
+        return value
+
+
+class Composition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[1] = SPEC_VERSION
+    base_model: Optional[str] = Field(None, description="Folder, .safetensors file or hub id; None = bundled model.")
+    prompt: str
+    negative_prompt: str = ""
+    width: Optional[int] = Field(None, ge=16, le=4096)
+    height: Optional[int] = Field(None, ge=16, le=4096)
+    steps: int = Field(20, ge=1, le=1000)
+    guidance: float = Field(5.0, ge=0.0, le=50.0)
+    scheduler: Literal["ddim", "ddpm", "euler", "dpm++"] = "ddim"
+    seed: int = 0
+    loras: list[LoraEntry] = Field(default_factory=list)
+    method: str = "regional"
+    params: dict[str, Any] = Field(default_factory=dict)
+    decor: list[str] = Field(default_factory=list, description="Words whose embedding span DECOR removes from "
+                                                               "every prompt.")
+    decor_strength: float = Field(1.0, ge=0.0, le=1.0)
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value):
+        if value is not None and value % 8:
+            raise ValueError(f"{value} is not a multiple of 8")
+        return value
+
+    def with_overrides(self, method: str | None = None, seed: int | None = None) -> "Composition":
+        update = {k: v for k, v in (("method", method), ("seed", seed)) if v is not None}
+        if method is not None and method != self.method:
+            update["params"] = {}
+        return self.model_copy(update=update)
+
+
+def describe_validation_error(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "the preset"
+    more = f" (and {len(error.errors()) - 1} more problems)" if len(error.errors()) > 1 else ""
+    return f"{source}: field `{where}` {first['msg'].removeprefix('Value error, ')}{more}."
+
+
+def parse_composition(data: dict | str, source: str = "preset") -> Composition:
+    try:
+        if isinstance(data, str):
+            return Composition.model_validate_json(data)
+        return Composition.model_validate(data)
+    except ValidationError as exc:
+        raise PresetError(describe_validation_error(exc, source)) from None
+
+
+def load_preset(path: Path) -> Composition:
+    """A preset file (.json), or a PNG made by the studio (its lossless `lora-studio` chunk)."""
+    path = Path(path)
+    if not path.exists():
+        raise PresetError(f"The preset {path} does not exist.")
+    if path.suffix.lower() == ".png":
+        from PIL import Image
+
+        text = Image.open(path).text.get("lora-studio")
+        if text is None:
+            raise PresetError(f"{path.name} carries no LoRA Studio composition (no `lora-studio` PNG chunk).")
+        data = text
+    else:
+        data = path.read_text()
+    try:
+        raw = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise PresetError(f"{path.name} is not valid JSON ({exc.msg} at line {exc.lineno}).") from None
+    composition = parse_composition(raw, path.name)
+    return _resolve_paths(composition, path.parent)
+
+
+def _resolve_paths(composition: Composition, base: Path) -> Composition:
+    """LoRA files and masks named relative to the preset's folder."""
+    loras = []
+    for entry in composition.loras:
+        update = {}
+        if not Path(entry.file).is_absolute() and (base / entry.file).exists():
+            update["file"] = str((base / entry.file).resolve())
+        if entry.region and entry.region.mask and not Path(entry.region.mask).is_absolute():
+            update["region"] = entry.region.model_copy(update={"mask": str((base / entry.region.mask).resolve())})
+        loras.append(entry.model_copy(update=update))
+    return composition.model_copy(update={"loras": loras})
+
+
+def save_preset(composition: Composition, path: Path) -> None:
+    Path(path).write_text(composition.model_dump_json(indent=2, exclude_none=True))

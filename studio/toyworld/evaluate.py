@@ -1,0 +1,108 @@
+"""The quality bar of the bundled model, measured by the judge on 64 seeded prompts.
+
+Half of the prompts name a single object, half two; every other prompt uses a colour–shape pair held
+out from training. A prompt counts as right when the judge finds, in each named slot, the named shape
+in the named colour.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from studio.toyworld.judge import Judge
+from studio.toyworld.render import BASE_SHAPES, BASE_TEXTURES, COLOUR_NAMES, HELD_OUT_PAIRS, Scene, random_scene
+
+
+@dataclass
+class EvalPrompt:
+    scene: Scene
+    held_out: bool
+
+    @property
+    def caption(self) -> str:
+        return self.scene.caption()
+
+
+def evaluation_prompts(n: int = 64, seed: int = 2024) -> list[EvalPrompt]:
+    rng = random.Random(seed)
+    prompts = []
+    held = sorted(HELD_OUT_PAIRS)
+    for i in range(n):
+        n_objects = 1 if i < n // 2 else 2
+        scene = random_scene(rng, n_objects=n_objects, shapes=BASE_SHAPES, textures=BASE_TEXTURES)
+        is_held = i % 2 == 1
+        if is_held:
+            colour, shape = held[rng.randrange(len(held))]
+            scene.objects[0].colour, scene.objects[0].shape = colour, shape
+        prompts.append(EvalPrompt(scene, is_held))
+    return prompts
+
+
+def evaluate_model(pipe, judge: Judge | None = None, n: int = 64, steps: int = 20, guidance: float = 5.0,
+                   seed: int = 2024, images_out=None) -> dict:
+    judge = judge or Judge.load()
+    prompts = evaluation_prompts(n, seed)
+    results = {"single": [], "double": [], "single_held_out": [], "double_held_out": []}
+    elapsed = []
+    for i, p in enumerate(prompts):
+        generator = torch.Generator().manual_seed(seed + i)
+        start = time.perf_counter()
+        image = pipe(p.caption, num_inference_steps=steps, guidance_scale=guidance, generator=generator).images[0]
+        elapsed.append(time.perf_counter() - start)
+        verdicts = judge.slots(image)
+        ok = all(verdicts[o.slot].matches(shape=o.shape, colour=o.colour) for o in p.scene.objects)
+        key = "single" if len(p.scene.objects) == 1 else "double"
+        results[key].append(ok)
+        if p.held_out:
+            results[key + "_held_out"].append(ok)
+        if images_out is not None:
+            image.save(images_out / f"{i:02d}-{'ok' if ok else 'no'}.png")
+    report = {k: sum(v) / len(v) for k, v in results.items() if v}
+    report["n_prompts"] = n
+    report["seconds_per_image"] = sorted(elapsed)[len(elapsed) // 2]
+    report["steps"] = steps
+    report["guidance"] = guidance
+    return report
+
+
+def evaluate_lora(pipe, lora_path, judge: Judge | None = None, n: int = 32, steps: int = 20, guidance: float = 5.0,
+                  weight: float = 1.0, seed: int = 4048) -> dict:
+    """A LoRA of train-lora used alone: one object (its shape, or a base shape in its texture) per prompt,
+    with the trigger word; right when the judge finds the taught shape or texture in the right colour and slot.
+    Also scores ordinary prompts with the LoRA attached, to show what it does to them."""
+    import json as _json
+
+    from studio.lora import load_lora
+    from studio.lora.inject import attach_lora, detach_lora
+    from studio.toyworld.lora_train import LoraTrainConfig, lora_scene
+
+    weights = load_lora(lora_path)
+    cfg = LoraTrainConfig(**_json.loads(weights.info.metadata["studio_train_config"]))
+    judge = judge or Judge.load()
+    rng = random.Random(seed)
+    attach_lora(pipe, weights, "evaluated", weight)
+    try:
+        right, ordinary_right = [], []
+        for i in range(n):
+            scene = lora_scene(rng, cfg)
+            scene.objects = scene.objects[:1]
+            generator = torch.Generator().manual_seed(seed + i)
+            image = pipe(scene.caption(), num_inference_steps=steps, guidance_scale=guidance,
+                         generator=generator).images[0]
+            obj = scene.objects[0]
+            verdict = judge.slots(image)[obj.slot]
+            taught = verdict.shape == obj.shape if cfg.kind == "concept" else verdict.texture == obj.texture
+            right.append(taught and verdict.colour == obj.colour)
+        for i, p in enumerate(evaluation_prompts(n=16, seed=seed)):
+            generator = torch.Generator().manual_seed(seed + 100 + i)
+            image = pipe(p.caption, num_inference_steps=steps, guidance_scale=guidance, generator=generator).images[0]
+            verdicts = judge.slots(image)
+            ordinary_right.append(all(verdicts[o.slot].matches(shape=o.shape, colour=o.colour) for o in p.scene.objects))
+    finally:
+        detach_lora(pipe, "evaluated")
+    return {"lora": str(lora_path), "kind": cfg.kind, "subject": cfg.subject, "trigger": cfg.trigger,
+            "taught_right": sum(right) / len(right), "ordinary_prompts_right_with_lora": sum(ordinary_right) / 16,
+            "n": n, "weight": weight}
