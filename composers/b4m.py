@@ -264,6 +264,9 @@ class B4MComposer(Composer):
     def setup(self, session: Session) -> None:
         from studio.lora.inject import attached_adapters
 
+        self.fused = None
+        if not session.adapters:
+            return super().setup(session)
         roles = {name: session.loras[name].info.metadata.get("b4m_role") for name in session.adapters}
         for name, role in roles.items():
             if role is None:
@@ -273,7 +276,7 @@ class B4MComposer(Composer):
         if len(content) != 1 or len(style) != 1:
             raise PresetError("The b4m method needs exactly one B4M content adapter and one B4M style adapter.")
         fused = assemble(Path(session.adapters[content[0]].file), Path(session.adapters[style[0]].file))
-        self._deltas = fused
+        self.fused = fused
         self._restore = attached_adapters(session.pipe)
         self._patch(session, fused)
         self.cond = session.encode([session.prompt], [session.negative_prompt], text_adapters=[])
@@ -292,5 +295,7 @@ class B4MComposer(Composer):
     def teardown(self, session: Session) -> None:
         from studio.lora.inject import detach_lora, set_lora_weights
 
+        if self.fused is None:
+            return
         detach_lora(session.pipe, "b4m_assembled")
         set_lora_weights(session.pipe, self._restore)

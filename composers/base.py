@@ -24,7 +24,7 @@ class Composer:
     summary: ClassVar[str]  # one line for `studio methods`
     passes_doc: ClassVar[str]  # UNet passes per step, in words
     Params: ClassVar[type[BaseModel]] = NoParams
-    needs_regions: ClassVar[bool] = False
+    needs_regions: ClassVar[bool] = False  # True: every concept LoRA must have a box or mask
 
     def __init__(self, params: BaseModel | dict | None = None):
         self.params = params if isinstance(params, BaseModel) else self.Params.model_validate(params or {})

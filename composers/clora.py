@@ -8,6 +8,8 @@ over the batch instead of space). Style LoRAs act in every row.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
@@ -64,8 +66,9 @@ class ClorComposer(Composer):
 
     def setup(self, session: Session) -> None:
         concepts = list(session.concepts())
-        if not concepts:
-            raise PresetError("CLoRA needs at least one concept LoRA.")
+        self.concepts = concepts
+        if not concepts:  # nothing to contrast: the plain pipeline (with any style LoRAs)
+            return super().setup(session)
         styles = list(session.styles())
         n = len(concepts)
         self.concepts = concepts
@@ -91,7 +94,7 @@ class ClorComposer(Composer):
         self.token_groups = self._token_groups(session, prompts)
         self._previous = install_processors(session.pipe.unet, ctrl)
         self._gates = attach_gates(session)
-        self.map_layers = set(composer_layers(session.pipe.unet))
+        self.map_layers = {name for name in composer_layers(session.pipe.unet) if name.endswith(".attn2")}
         self.masks: dict[str, torch.Tensor] = {}
         self.maps: dict[str, torch.Tensor] = {}
         self.loss_history: list[float] = []
@@ -110,9 +113,13 @@ class ClorComposer(Composer):
                 positions = token_indices(tokenizer, prompt, words)
                 if positions:
                     groups.append((k, row, positions))
-        if not any(row == k + 1 for k, row, _ in groups):
-            raise PresetError("CLoRA found no concept's trigger words in its own prompt; give each concept LoRA a "
-                              "prompt containing its trigger words.")
+        found_in_own = {k for k, row, _ in groups if row == k + 1}
+        missing = [self.concepts[k] for k in range(len(self.concepts)) if k not in found_in_own]
+        if missing:
+            entry = session.adapters[missing[0]]
+            raise PresetError(f"CLoRA needs each concept LoRA's trigger words in its own prompt; "
+                              f"{Path(entry.file).name} has trigger words {entry.trigger_words} and prompt "
+                              f"{entry.prompt or session.prompt!r}.")
         return groups
 
     def _maps(self, store: AttentionStore) -> torch.Tensor:
@@ -144,7 +151,7 @@ class ClorComposer(Composer):
 
     def guide(self, session: Session, latents: torch.Tensor, step: int, t) -> torch.Tensor:
         p = self.params
-        if not p.latent_update or step >= p.max_iter or len(self.concepts) < 2:
+        if not self.concepts or not p.latent_update or step >= p.max_iter or len(self.concepts) < 2:
             return latents
         for _ in range(p.inner_iters if step in p.inner_steps else 1):
             z = latents.detach().requires_grad_(True)
@@ -156,6 +163,8 @@ class ClorComposer(Composer):
         return latents
 
     def predict(self, session: Session, latents: torch.Tensor, step: int, t) -> torch.Tensor:
+        if not self.concepts:
+            return super().predict(session, latents, step, t)
         ctrl = session.controller
         ctrl.store = AttentionStore(self.map_layers, batch_index=slice(-self.n_rows, None))
         out = unet_pass(session.pipe, latents.expand(self.cond.embeds.shape[0], -1, -1, -1), t, self.cond)
@@ -192,12 +201,14 @@ class ClorComposer(Composer):
         return torch.cat([background[None], concept_weights]).to(maps.dtype)
 
     def maps_and_masks(self, session: Session):
-        return dict(self.maps), dict(self.masks)
+        return (dict(self.maps), dict(self.masks)) if self.concepts else ({}, {})
 
     def passes(self, session: Session) -> float:
-        return 1.0 + self.guided_calls / session.steps
+        return 1.0 + self.guided_calls / session.steps if self.concepts else 1.0
 
     def teardown(self, session: Session) -> None:
+        if not self.concepts:
+            return
         session.pipe.unet.set_attn_processor(self._previous)
         detach_gates(self._gates)
         session.controller.adapter_batch_rows = {}

@@ -41,7 +41,6 @@ class RegionalComposer(Composer):
     summary = "One-pass regional LoRA: each concept LoRA acts only inside its region, with its own prompt."
     passes_doc = "1 (every region in the same UNet call)"
     Params = RegionalParams
-    needs_regions = True
 
     def setup(self, session: Session) -> None:
         ctrl = session.controller

@@ -43,9 +43,10 @@ def compose(pipe, composition: Composition, callback: Callable[[StepInfo], bool 
 
     composer_cls = get_composer(composition.method)
     composer = composer_cls(_params(composer_cls, composition))
-    if composer_cls.needs_regions is True and not any(e.region for e in composition.loras if e.role == "concept") \
-            and composition.method != "regional":
-        raise PresetError(f"The method {composition.method!r} needs a region (box or mask) for each concept LoRA.")
+    unplaced = [e for e in composition.loras if e.role == "concept" and e.region is None]
+    if composer_cls.needs_regions and unplaced:
+        raise PresetError(f"The method {composition.method!r} needs a region (box or mask) for each concept LoRA; "
+                          f"{Path(unplaced[0].file).name} has none.")
     loaded = loaded if loaded is not None else load_entries(composition)
     size = default_size(pipe)
     height, width = composition.height or size, composition.width or size

@@ -20,7 +20,7 @@ TEXT_HIDDEN = 128
 # only when the last timestep carries no signal.
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                 prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
-                clip_sample=False)
+                clip_sample=False, steps_offset=1)
 
 
 def build_tokenizer(tokenizer_dir: Path) -> CLIPTokenizer:
