@@ -76,14 +76,17 @@ class CompositionController:
     # --- LoRA gates ----------------------------------------------------------------------------------
     def lora_gate(self, layer_name: str, adapter: str, delta: torch.Tensor) -> torch.Tensor | None:
         """The mask applied to one adapter's delta output in one layer (None = everywhere):
-        y = W x + Σ_i m_i ⊙ ΔW_i x (METHODS §1)."""
+        y = W x + Σ_i m_i ⊙ ΔW_i x (METHODS §1). Text encoders are run one prompt at a time with their
+        adapters chosen by `only_adapters`, so they are never gated."""
+        if layer_name.startswith("text_encoder"):
+            return None
         gate = None
         rows_sel = self.adapter_batch_rows.get(adapter)
         if rows_sel is not None:
             shape = (-1,) + (1,) * (delta.dim() - 1)
             gate = rows_sel.to(delta.dtype).to(delta.device).reshape(shape)
         region = self.adapter_regions.get(adapter)
-        if region is None or layer_name.startswith("text_encoder") or layer_name.endswith(TEXT_INPUT_SUFFIXES):
+        if region is None or layer_name.endswith(TEXT_INPUT_SUFFIXES):
             return gate
         if self.regional_layers == "cross_attention" and ".attn2." not in layer_name:
             return torch.zeros((), dtype=delta.dtype, device=delta.device)

@@ -50,6 +50,10 @@ class Composer:
     def teardown(self, session: Session) -> None:
         pass
 
+    def report(self) -> dict:
+        """What the method did, for the result's info (e.g. switch's schedule, guidance losses)."""
+        return {}
+
     def passes(self, session: Session) -> float:
         """UNet passes per step (a batch-2 classifier-free-guidance call counts as one pass)."""
         return 1.0

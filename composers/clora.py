@@ -158,7 +158,7 @@ class ClorComposer(Composer):
             with torch.enable_grad():
                 loss = self._loss(self._conditional_store(session, z, t, keep_grad=True))
                 grad, = torch.autograd.grad(loss, z)
-            self.loss_history.append(float(loss))
+            self.loss_history.append(float(loss.detach()))
             latents = (z - p.step_size * grad).detach()
         return latents
 
@@ -202,6 +202,9 @@ class ClorComposer(Composer):
 
     def maps_and_masks(self, session: Session):
         return (dict(self.maps), dict(self.masks)) if self.concepts else ({}, {})
+
+    def report(self) -> dict:
+        return {"guidance_losses": list(getattr(self, "loss_history", []))}
 
     def passes(self, session: Session) -> float:
         return 1.0 + self.guided_calls / session.steps if self.concepts else 1.0

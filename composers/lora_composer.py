@@ -176,11 +176,14 @@ class LoraComposer(RegionalComposer):
             store = self._conditional_forward(session, z, t, keep_grad=True)
             loss = self._losses(session, store)
             grad, = torch.autograd.grad(loss, z)
-        value = float(loss)
+        value = float(loss.detach())
         if p.early_stop and step > 5 and self.loss_history and value > self.loss_history[-1]:
             self.guiding = False
         self.loss_history.append(value)
         return (z - guidance_scale_schedule(step, session.steps, p.step_size) * grad).detach()
+
+    def report(self) -> dict:
+        return {"guidance_losses": list(self.loss_history)}
 
     def passes(self, session: Session) -> float:
         """UNet calls per step, averaged over the run: the guidance calls are conditional-only with a backward."""

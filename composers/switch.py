@@ -30,6 +30,9 @@ class SwitchComposer(Composer):
         self.cond = None if self.names else session.encode([session.prompt], [session.negative_prompt])
         self.schedule: list[str] = []
 
+    def report(self) -> dict:
+        return {"schedule": list(self.schedule)}
+
     def predict(self, session, latents, step, t):
         from studio.lora.inject import lora_layers, only_adapters
 

@@ -2,9 +2,10 @@
 pipeline exactly as it was (adapters detached, processors restored), whatever happens."""
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
@@ -14,6 +15,9 @@ from studio.engine import ComposeResult, Session, StepInfo, sample
 from studio.errors import LoraError, PresetError
 from studio.generation import default_size
 from studio.spec import Composition
+
+if TYPE_CHECKING:
+    from composers.base import Composer
 
 
 def adapter_name(index: int, file: str) -> str:
@@ -39,6 +43,19 @@ def load_entries(composition: Composition) -> dict:
 
 def compose(pipe, composition: Composition, callback: Callable[[StepInfo], bool | None] | None = None,
             loaded: dict | None = None) -> ComposeResult:
+    with prepared_session(pipe, composition, loaded) as (session, composer):
+        result = sample(session, composer, callback)
+    result.info.update(composer.report())
+    result.info["loras"] = {name: {"file": str(weights.info.path), "short_hash": weights.info.short_hash,
+                                   "sha256": weights.info.sha256} for name, weights in session.loras.items()}
+    return result
+
+
+@contextlib.contextmanager
+def prepared_session(pipe, composition: Composition, loaded: dict | None = None
+                     ) -> Iterator[tuple[Session, "Composer"]]:
+    """A session with the composition's LoRAs attached and its method set up; on exit (normal, error or
+    cancel) the method is torn down and the LoRAs detached, leaving the pipeline as it was."""
     from studio.lora.inject import attach_lora, detach_lora
 
     composer_cls = get_composer(composition.method)
@@ -69,7 +86,7 @@ def compose(pipe, composition: Composition, callback: Callable[[StepInfo], bool 
                                       for name, entry in session.adapters.items() if entry.decor}
         composer.setup(session)
         try:
-            return sample(session, composer, callback)
+            yield session, composer
         finally:
             composer.teardown(session)
     finally:

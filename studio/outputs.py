@@ -23,11 +23,10 @@ def write_result(result, composition: Composition, out_dir: Path, stem: str = "i
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = GenerationSettings(composition.prompt, composition.negative_prompt, composition.steps,
                                   composition.guidance, composition.seed)
-    lora_hashes = {}
-    for entry in composition.loras:
-        lora_hashes[Path(entry.file).stem] = (entry.sha256 or "")[:12]
+    lora_hashes = {Path(lora["file"]).stem: lora["short_hash"] for lora in result.info.get("loras", {}).values()
+                   if lora.get("short_hash")}
     parameters = a1111_parameters(settings, *result.image.size, model_name=composition.base_model or "shapes-world",
-                                  lora_hashes={k: v for k, v in lora_hashes.items() if v} or None)
+                                  lora_hashes=lora_hashes or None)
     image_path = out_dir / f"{stem}-{composition.method}-{composition.seed}.png"
     result.image.save(image_path, pnginfo=png_info(parameters, composition.model_dump(mode="json")))
     written = [image_path]

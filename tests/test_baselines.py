@@ -1,0 +1,200 @@
+"""The peers' baselines (merge, switch, composite), DECOR and Break-for-Make (issue 6)."""
+import pytest
+import torch
+
+from studio.compose import compose, prepared_session
+from studio.errors import LoraError, PresetError
+from studio.spec import Composition, LoraEntry
+
+PROMPT = "a large solid red circle on the left, white background"
+
+
+def spec(method, loras=(), steps=3, **kw):
+    return Composition(prompt=PROMPT, steps=steps, guidance=5.0, seed=0, method=method, loras=list(loras), **kw)
+
+
+def test_merge_is_the_exact_sum_of_deltas_in_every_layer(tiny_pipe, tiny_loras):
+    from studio.lora import load_lora
+    from studio.lora.inject import attach_lora, detach_lora, lora_layers
+
+    a, b = load_lora(tiny_loras["alpha"]), load_lora(tiny_loras["beta"])
+    attach_lora(tiny_pipe, a, "a", 0.7)
+    attach_lora(tiny_pipe, b, "b", -0.4)
+    try:
+        for name, layer in list(lora_layers(tiny_pipe).items())[:40]:
+            component, _, target = name.partition(".")
+            weight = layer.base.weight
+            expected = weight.clone()
+            for lora, w in ((a, 0.7), (b, -0.4)):
+                module = lora.modules.get((component, target))
+                if module is not None:
+                    expected += w * module.delta_weight(weight)
+            if isinstance(layer.base, torch.nn.Linear):
+                x = torch.randn(3, weight.shape[1])
+                want = torch.nn.functional.linear(x, expected, layer.base.bias)
+            else:
+                x = torch.randn(1, weight.shape[1], 6, 6)
+                want = torch.nn.functional.conv2d(x, expected, layer.base.bias, layer.base.stride, layer.base.padding)
+            assert torch.allclose(layer(x), want, atol=1e-5), name
+    finally:
+        detach_lora(tiny_pipe, "a")
+        detach_lora(tiny_pipe, "b")
+
+
+def test_merge_equals_diffusers_set_adapters(tiny_pipe, tiny_loras):
+    from studio.lora import load_lora
+
+    entries = [LoraEntry(file=str(tiny_loras["alpha"]), weight=0.7), LoraEntry(file=str(tiny_loras["beta"]), weight=0.5)]
+    ours = compose(tiny_pipe, spec("merge", entries)).latents
+    tiny_pipe.load_lora_weights(load_lora(tiny_loras["alpha"]).to_peft_state_dict(), adapter_name="a")
+    tiny_pipe.load_lora_weights(load_lora(tiny_loras["beta"]).to_peft_state_dict(), adapter_name="b")
+    try:
+        tiny_pipe.set_adapters(["a", "b"], [0.7, 0.5])
+        generator = torch.Generator().manual_seed(0)
+        theirs = tiny_pipe(PROMPT, num_inference_steps=3, guidance_scale=5.0, generator=generator,
+                           output_type="latent").images
+    finally:
+        tiny_pipe.unload_lora_weights()
+    assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_switch_activates_the_scheduled_lora_at_each_step(tiny_pipe, tiny_loras, monkeypatch):
+    from studio.lora.inject import LoraLayer
+
+    seen = []
+    original = LoraLayer.forward
+
+    def recording(self, x, *args, **kwargs):
+        if self.name == "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q":
+            seen.append(tuple(self.active_adapters()))
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(LoraLayer, "forward", recording)
+    entries = [LoraEntry(file=str(tiny_loras[n])) for n in ("alpha", "beta", "gamma")]
+    result = compose(tiny_pipe, spec("switch", entries, steps=6, params={"switch_step": 2}))
+    names = list(result.info["loras"])
+    assert result.info["schedule"] == [names[0], names[0], names[1], names[1], names[2], names[2]]
+    assert seen == [(n,) for n in result.info["schedule"]]
+
+
+def test_composite_averages_per_lora_predictions(tiny_pipe, tiny_loras):
+    from studio.engine import unet_pass
+    from studio.lora.inject import only_adapters
+
+    entries = [LoraEntry(file=str(tiny_loras["alpha"]), weight=0.9), LoraEntry(file=str(tiny_loras["beta"]))]
+    with prepared_session(tiny_pipe, spec("composite", entries)) as (session, composer):
+        tiny_pipe.scheduler.set_timesteps(3)
+        t = tiny_pipe.scheduler.timesteps[0]
+        latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+        fused = composer.predict(session, latents, 0, t)
+        session.controller.adapter_batch_rows = {}  # the reference: one ordinary pass per LoRA
+        uncond, cond = [], []
+        for name in session.adapters:
+            with only_adapters(tiny_pipe, [name]):
+                conditioning = session.encode([PROMPT], [""], text_adapters=[name])
+                out = unet_pass(tiny_pipe, torch.cat([latents, latents]), t, conditioning)
+            uncond.append(out[:1])
+            cond.append(out[1:])
+        u, c = torch.stack(uncond).mean(0), torch.stack(cond).mean(0)
+        assert torch.allclose(fused, u + 5.0 * (c - u), atol=1e-5)
+        assert composer.passes(session) == 2.0
+
+
+def test_decor_identity_full_removal_and_word_tokens_only(tiny_pipe):
+    from composers.decor import decor_bases, decor_transform, project_out, word_token_rows
+    from studio.engine import encode
+
+    rows = word_token_rows(tiny_pipe.tokenizer, tiny_pipe.text_encoder, "striped cat")
+    n_words = len(tiny_pipe.tokenizer("striped cat", add_special_tokens=False).input_ids)
+    ids = tiny_pipe.tokenizer("striped cat", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        full = tiny_pipe.text_encoder(ids)[0][0]
+    assert rows.shape[0] == n_words and torch.equal(rows, full[1:1 + n_words])  # no BOS / EOS / PAD rows
+    (features, basis), = decor_bases(tiny_pipe, ["striped cat"])
+    assert basis.shape[1] == n_words
+    cond = encode(tiny_pipe, [PROMPT], [""], 64, 64)
+    assert torch.equal(decor_transform(tiny_pipe, ["striped cat"], 0.0)(cond, True).embeds, cond.embeds)
+    removed = decor_transform(tiny_pipe, ["striped cat"], 1.0)(cond, True).embeds
+    assert torch.equal(removed[0], cond.embeds[0])  # the unconditional row is untouched
+    assert (removed[1] @ basis).abs().max() < 1e-4
+    half = project_out(cond.embeds[1], basis, 0.5)
+    assert torch.allclose(half @ basis, 0.5 * (cond.embeds[1] @ basis), atol=1e-4)
+
+
+def test_decor_runs_on_top_of_a_method_and_per_lora(tiny_pipe, tiny_loras):
+    plain = compose(tiny_pipe, spec("merge")).latents
+    decor = compose(tiny_pipe, spec("merge", decor=["red"], decor_strength=1.0)).latents
+    assert not torch.allclose(plain, decor)
+    entry = LoraEntry(file=str(tiny_loras["gamma"]), role="style", decor=["circle"])
+    per_lora = compose(tiny_pipe, spec("regional", [entry])).latents
+    without = compose(tiny_pipe, spec("regional", [LoraEntry(file=str(tiny_loras["gamma"]), role="style")])).latents
+    assert not torch.allclose(per_lora, without)
+
+
+# --- Break-for-Make -------------------------------------------------------------------------------------------
+def _random_trained(factors, seed, which):
+    gen = torch.Generator().manual_seed(seed)
+    for f in factors.values():
+        if "B" in which:
+            f.B = torch.randn(f.B.shape, generator=gen) * 0.1
+        if "D" in which:
+            f.D = torch.randn(f.D.shape, generator=gen) * 0.1
+    return factors
+
+
+def test_b4m_frozen_halves_come_from_the_seed(tiny_pipe):
+    from composers.b4m import create_plp_adapter
+
+    one, two, other = (create_plp_adapter(tiny_pipe.unet, 4, s) for s in (7, 7, 8))
+    assert set(one) == set(two) and len(one) > 10
+    for name in one:
+        assert torch.equal(one[name].A, two[name].A) and torch.equal(one[name].C, two[name].C)
+    square = next(n for n, f in one.items() if f.A.shape[0] * 2 == f.C.shape[1] * 2 and f.A.abs().sum() > 0)
+    assert not torch.equal(one[square].A, other[square].A)
+
+
+def test_b4m_assembly_reproduces_the_block_formula(tiny_pipe, tmp_path):
+    from composers.b4m import assemble, create_plp_adapter, save_plp_adapter
+
+    content = _random_trained(create_plp_adapter(tiny_pipe.unet, 4, 3), 1, "BD")
+    style = _random_trained(create_plp_adapter(tiny_pipe.unet, 4, 3), 2, "BD")
+    save_plp_adapter(tmp_path / "content.safetensors", content, "content", 3)
+    save_plp_adapter(tmp_path / "style.safetensors", style, "style", 3)
+    fused = assemble(tmp_path / "content.safetensors", tmp_path / "style.safetensors", tmp_path / "made.safetensors")
+    for name, f in fused.items():
+        A, C, Bs, Dc = content[name].A, content[name].C, style[name].B, content[name].D
+        expected = torch.cat([torch.cat([A @ C, A @ Dc], 1), torch.cat([Bs @ C, Bs @ Dc], 1)], 0)
+        assert torch.allclose(f.delta(), expected, atol=1e-6), name
+    from studio.lora import load_lora
+
+    made = load_lora(tmp_path / "made.safetensors")  # the assembly is one ordinary LoRA
+    module = made.modules[("unet", name)]
+    assert torch.allclose(module.delta_weight(), expected, atol=1e-6)
+
+
+def test_b4m_refuses_mismatched_pairs_and_ordinary_loras(tiny_pipe, tiny_loras, tmp_path):
+    from composers.b4m import assemble, create_plp_adapter, save_plp_adapter
+
+    save_plp_adapter(tmp_path / "c.safetensors", create_plp_adapter(tiny_pipe.unet, 4, 1), "content", 1)
+    save_plp_adapter(tmp_path / "s.safetensors", create_plp_adapter(tiny_pipe.unet, 4, 2), "style", 2)
+    with pytest.raises(LoraError, match="not created from the same seed"):
+        assemble(tmp_path / "c.safetensors", tmp_path / "s.safetensors")
+    with pytest.raises(LoraError, match="ordinary LoRA"):
+        assemble(tiny_loras["alpha"], tmp_path / "s.safetensors")
+    entries = [LoraEntry(file=str(tiny_loras["alpha"])), LoraEntry(file=str(tiny_loras["beta"]), role="style")]
+    with pytest.raises(PresetError, match="ordinary LoRA"):
+        compose(tiny_pipe, spec("b4m", entries))
+
+
+def test_b4m_method_runs_the_assembled_adapter(tiny_pipe, tmp_path):
+    from composers.b4m import assemble, create_plp_adapter, save_plp_adapter
+
+    content = _random_trained(create_plp_adapter(tiny_pipe.unet, 4, 5), 1, "BD")
+    style = _random_trained(create_plp_adapter(tiny_pipe.unet, 4, 5), 2, "BD")
+    save_plp_adapter(tmp_path / "c.safetensors", content, "content", 5)
+    save_plp_adapter(tmp_path / "s.safetensors", style, "style", 5)
+    assemble(tmp_path / "c.safetensors", tmp_path / "s.safetensors", tmp_path / "made.safetensors")
+    entries = [LoraEntry(file=str(tmp_path / "c.safetensors")), LoraEntry(file=str(tmp_path / "s.safetensors"), role="style")]
+    ours = compose(tiny_pipe, spec("b4m", entries)).latents
+    merged = compose(tiny_pipe, spec("merge", [LoraEntry(file=str(tmp_path / "made.safetensors"))])).latents
+    assert (ours - merged).abs().max() < 1e-5
