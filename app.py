@@ -20,9 +20,9 @@ CSS = """
 class StudioState:
     """The loaded base model; one per server process."""
 
-    def __init__(self, model: str | None):
+    def __init__(self, model: str | None, config: str | None = None):
         self.model_ref = model or "bundled shapes-world"
-        self.pipe = load_base_model(model)
+        self.pipe = load_base_model(model, config=config)
         self.family = model_family(self.pipe)
         self.size = default_size(self.pipe)
         self.outputs = Path(tempfile.mkdtemp(prefix="lora-studio-"))
@@ -67,9 +67,9 @@ def build_ui(state: StudioState) -> gr.Blocks:
     return demo
 
 
-def main(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, open_browser: bool = False,
-         prevent_thread_lock: bool = False):
-    state = StudioState(model)
+def main(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, config: str | None = None,
+         open_browser: bool = False, prevent_thread_lock: bool = False):
+    state = StudioState(model, config)
     demo = build_ui(state)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, inbrowser=open_browser, css=CSS, theme=gr.themes.Soft(),

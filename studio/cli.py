@@ -35,12 +35,14 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to listen on."),
           port: int = typer.Option(7860, help="Port."),
           model: Optional[str] = typer.Option(None, help="Base model: folder, .safetensors file or hub id "
                                                          "(default: the bundled shapes-world model)."),
+          config: Optional[str] = typer.Option(None, help="For a single-file checkpoint offline: a local diffusers "
+                                                          "folder of the same architecture."),
           open_browser: bool = typer.Option(False, "--open", help="Open a browser tab.")):
     """Start the web studio."""
     import app as studio_app
 
     try:
-        studio_app.main(host=host, port=port, model=model, open_browser=open_browser)
+        studio_app.main(host=host, port=port, model=model, config=config, open_browser=open_browser)
     except StudioError as exc:
         fail(str(exc))
 
@@ -51,6 +53,7 @@ def generate(preset: Path = typer.Argument(..., help="A preset (.json) or a PNG 
              method: Optional[str] = typer.Option(None, help="Override the preset's method."),
              seed: Optional[int] = typer.Option(None, help="Override the preset's seed."),
              model: Optional[str] = typer.Option(None, help="Override the preset's base model."),
+             config: Optional[str] = typer.Option(None, help="Local diffusers folder for a single-file checkpoint."),
              device: Optional[str] = typer.Option(None), dtype: Optional[str] = typer.Option(None)):
     """Generate the image of a preset; writes the PNG (with its preset inside) and each concept's attention
     map and mask beside it."""
@@ -62,7 +65,7 @@ def generate(preset: Path = typer.Argument(..., help="A preset (.json) or a PNG 
         from studio.compose import compose
         from studio.models import load_base_model
 
-        pipe = load_base_model(model or composition.base_model, device=device, dtype=dtype)
+        pipe = load_base_model(model or composition.base_model, device=device, dtype=dtype, config=config)
         from tqdm.auto import tqdm
 
         with tqdm(total=composition.steps, desc=composition.method, leave=False) as bar:

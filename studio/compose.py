@@ -74,6 +74,10 @@ def prepared_session(pipe, composition: Composition, loaded: dict | None = None
                       height=height, width=width, steps=composition.steps, guidance=composition.guidance,
                       generator=torch.Generator("cpu").manual_seed(composition.seed),
                       controller=CompositionController((height // factor, width // factor)))
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):  # guidance needs ∇z only, never ∇W
+        module = getattr(pipe, component, None)
+        if module is not None:
+            module.requires_grad_(False)
     attached = []
     try:
         for name, (entry, weights) in loaded.items():

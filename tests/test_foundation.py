@@ -87,3 +87,26 @@ def test_unbuilt_subcommand_says_so_and_fails():
     if "not built yet" not in result.stderr:
         pytest.skip("`studio batch` is built")
     assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_single_file_checkpoint_loads_with_a_local_config(tiny_pipe, tmp_path):
+    from tests.ldm_export import export_single_file
+
+    folder = tmp_path / "config"
+    tiny_pipe.save_pretrained(folder)
+    checkpoint = export_single_file(tiny_pipe, tmp_path / "model.safetensors")
+    pipe = load_base_model(checkpoint, config=folder)
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(tiny_pipe, name).state_dict(), getattr(pipe, name).state_dict()
+        assert set(ours) <= set(theirs)
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), (name, key)
+
+
+def test_single_file_checkpoint_offline_without_config_is_one_sentence(tiny_pipe, tmp_path, monkeypatch):
+    from tests.ldm_export import export_single_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    checkpoint = export_single_file(tiny_pipe, tmp_path / "model.safetensors")
+    with pytest.raises(ModelNotAvailable, match="pass --config"):
+        load_base_model(checkpoint)
