@@ -61,3 +61,30 @@ def test_decor_projects_each_sdxl_encoder_block_separately(sdxl):
     for features, basis in bases:
         assert (out.embeds[1:, :, features] @ basis).abs().max() < 1e-3
     assert torch.equal(out.added["text_embeds"], cond.added["text_embeds"])  # pooled untouched
+
+
+def test_b4m_fused_checkpoint_with_old_keys_loads_as_an_ordinary_lora(sdxl, tmp_path):
+    """B4M's published checkpoints: SDXL, diffusers-0.22 keys `unet.unet.<block>.to_q.lora.down.weight`."""
+    from safetensors.torch import save_file
+
+    from studio.lora import attach_lora, detach_lora, inspect_lora, load_lora
+
+    projections = [name for name, module in sdxl.unet.named_modules()
+                   if name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0")) and isinstance(module, torch.nn.Linear)]
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for name in projections:
+        layer = sdxl.unet.get_submodule(name)
+        state[f"unet.unet.{name}.lora.down.weight"] = torch.randn(4, layer.in_features, generator=gen) * 0.01
+        state[f"unet.unet.{name}.lora.up.weight"] = torch.randn(layer.out_features, 4, generator=gen) * 0.01
+    path = tmp_path / "b4m_fused.safetensors"
+    save_file(state, str(path))
+    info = inspect_lora(path)
+    assert (info.base_model, info.modules) == ("SDXL", len(projections)) and len(projections) == 560
+    weights = load_lora(path)
+    assert {target for _, target in weights.modules} == set(projections)
+    injected = attach_lora(sdxl, weights, "b4m")
+    try:
+        assert injected == sum(t.numel() for t in state.values())
+    finally:
+        detach_lora(sdxl, "b4m")

@@ -55,6 +55,8 @@ def diffusers_targets(name: str, modules: list[K.ModuleKeys]) -> dict[str, tuple
     for module in modules:
         component, _ = K.split_component(module.module_id)
         down_key = module.parts["down"].removeprefix(f"{component}.")
+        if component == K.UNET:  # B4M's fused checkpoints (diffusers 0.22 era) say `unet.unet.<block>...`
+            down_key = down_key.removeprefix("unet.")
         path = _peft_path(name, component, down_key).removeprefix("base_model.model.")  # raw PEFT saves
         targets[module.module_id] = (component, text_encoder_path(component, path) if component != K.UNET else path)
     return targets
