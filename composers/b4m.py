@@ -194,40 +194,28 @@ def _unwrap(unet: nn.Module, wrapped: dict[str, PLPLinear]) -> None:
             setattr(owner, child, layer.base)
 
 
-def break_train(pipe, cfg: BreakConfig, out_path: Path, progress: bool = True, command: str = "") -> Path:
-    """Train one PLP adapter on the shapes world. Content: D on images of the concept, B (at the low aux lr)
-    on auxiliary style sets (base scenes in each base texture). Style: B on images in the style, D (aux lr)
-    on auxiliary content (base scenes)."""
-    from studio.toyworld.lora_train import LoraTrainConfig, lora_scene
+def _train_plp(pipe, factors: dict[str, PLPFactors], scenes_for_step, lr_B: float, lr_D: float, steps: int,
+               batch_size: int, seed: int, desc: str, progress: bool) -> dict[str, PLPFactors]:
+    """Train the learnable halves (B at lr_B, D at lr_D; a zero rate freezes one) of PLP adapters wrapped
+    into the UNet on rendered scenes; the frozen halves never change."""
     from studio.toyworld.model import train_scheduler
-    from studio.toyworld.render import BASE_TEXTURES, image_to_tensor_array, random_scene, render
+    from studio.toyworld.render import image_to_tensor_array, render
 
     unet, vae, tokenizer, text_encoder = pipe.unet, pipe.vae, pipe.tokenizer, pipe.text_encoder
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
-    factors = create_plp_adapter(unet, cfg.rank, cfg.seed)
     wrapped = _wrap(unet, factors)
-    main = [l.D if cfg.role == "content" else l.B for l in wrapped.values()]
-    aux = [l.B if cfg.role == "content" else l.D for l in wrapped.values()]
-    opt = torch.optim.AdamW([{"params": main, "lr": cfg.main_lr}, {"params": aux, "lr": cfg.aux_lr}])
-    scene_cfg = LoraTrainConfig(kind=cfg.kind, subject=cfg.subject, trigger=cfg.trigger)
+    groups = [{"params": [l.B for l in wrapped.values()], "lr": lr_B},
+              {"params": [l.D for l in wrapped.values()], "lr": lr_D}]
+    opt = torch.optim.AdamW([g for g in groups if g["lr"] > 0])
     noise_scheduler = train_scheduler()
-    rng = random.Random(cfg.data_seed)
+    rng = random.Random(seed)
     try:
-        for step in tqdm(range(cfg.steps), desc=f"b4m {cfg.role}", disable=not progress):
-            scenes = []
-            for i in range(cfg.batch_size):
-                if i % 2 == 0:
-                    scenes.append(lora_scene(rng, scene_cfg))
-                else:  # the auxiliary set: plain scenes, one base texture per batch
-                    scene = random_scene(rng)
-                    texture = BASE_TEXTURES[step % len(BASE_TEXTURES)]
-                    for obj in scene.objects:
-                        obj.texture = texture
-                    scenes.append(scene)
+        for step in tqdm(range(steps), desc=desc, disable=not progress):
+            scenes = scenes_for_step(rng, step, batch_size)
             images = torch.from_numpy(np.stack([image_to_tensor_array(render(s, rng.randrange(1 << 30)))
                                                 for s in scenes]))
-            gen = torch.Generator().manual_seed(cfg.data_seed * 7919 + step)
+            gen = torch.Generator().manual_seed(seed * 7919 + step)
             with torch.no_grad():
                 latents = vae.encode(images).latent_dist.sample(generator=gen) * vae.config.scaling_factor
                 ids = tokenizer([s.caption() for s in scenes], padding="max_length", max_length=77, truncation=True,
@@ -240,12 +228,59 @@ def break_train(pipe, cfg: BreakConfig, out_path: Path, progress: bool = True, c
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        trained = {name: layer.factors() for name, layer in wrapped.items()}
+        return {name: layer.factors() for name, layer in wrapped.items()}
     finally:
         _unwrap(unet, wrapped)
+
+
+def _scene_config(cfg: BreakConfig):
+    from studio.toyworld.lora_train import LoraTrainConfig
+
+    return LoraTrainConfig(kind=cfg.kind, subject=cfg.subject, trigger=cfg.trigger)
+
+
+def break_train(pipe, cfg: BreakConfig, out_path: Path, progress: bool = True, command: str = "") -> Path:
+    """Train one PLP adapter on the shapes world. Content: D on images of the concept while B (at the low
+    aux rate) sees auxiliary style sets (plain scenes, one base texture per batch); style: B on images in
+    the style while D (aux rate) sees plain scenes."""
+    from studio.toyworld.lora_train import lora_scene
+    from studio.toyworld.render import BASE_TEXTURES, random_scene
+
+    scene_cfg = _scene_config(cfg)
+
+    def scenes_for_step(rng, step, n):
+        scenes = []
+        for i in range(n):
+            if i % 2 == 0:
+                scenes.append(lora_scene(rng, scene_cfg))
+            else:
+                scene = random_scene(rng)
+                for obj in scene.objects:
+                    obj.texture = BASE_TEXTURES[step % len(BASE_TEXTURES)]
+                scenes.append(scene)
+        return scenes
+
+    lr_B, lr_D = (cfg.aux_lr, cfg.main_lr) if cfg.role == "content" else (cfg.main_lr, cfg.aux_lr)
+    trained = _train_plp(pipe, create_plp_adapter(pipe.unet, cfg.rank, cfg.seed), scenes_for_step, lr_B, lr_D,
+                         cfg.steps, cfg.batch_size, cfg.data_seed, f"b4m {cfg.role}", progress)
     meta = {"modelspec.trigger_phrase": cfg.trigger, "ss_tag_frequency": json.dumps({"b4m": {cfg.trigger: cfg.steps}}),
             "ss_training_comment": command, "studio_b4m_config": json.dumps(asdict(cfg))}
     return save_plp_adapter(out_path, trained, cfg.role, cfg.seed, meta)
+
+
+def joint_finetune(pipe, fused: dict[str, PLPFactors], content: BreakConfig, style: BreakConfig, steps: int,
+                   lr: float = 1e-4, progress: bool = True) -> dict[str, PLPFactors]:
+    """The optional short joint fine-tune of "make": both learnable halves of the assembled adapter on
+    content images and style images (official: ≤ 1000 steps)."""
+    from studio.toyworld.lora_train import lora_scene
+
+    content_cfg, style_cfg = _scene_config(content), _scene_config(style)
+
+    def scenes_for_step(rng, step, n):
+        return [lora_scene(rng, content_cfg if i % 2 == 0 else style_cfg) for i in range(n)]
+
+    return _train_plp(pipe, fused, scenes_for_step, lr, lr, steps, content.batch_size, content.data_seed + 1,
+                      "b4m make", progress)
 
 
 # --- the composer ----------------------------------------------------------------------------------------

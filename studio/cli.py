@@ -15,6 +15,8 @@ app = typer.Typer(help="LoRA Studio: compose several LoRAs on a diffusion model.
 toyworld = typer.Typer(help="The shapes world: train and evaluate the bundled default model, its judge and "
                             "example LoRAs.", no_args_is_help=True)
 app.add_typer(toyworld, name="toyworld")
+b4m = typer.Typer(help="Break-for-Make: train B4M content / style adapters and assemble a pair.", no_args_is_help=True)
+app.add_typer(b4m, name="b4m")
 
 
 def fail(message: str, as_json: bool = False) -> None:
@@ -222,6 +224,48 @@ def toyworld_evaluate_lora(lora: Path = typer.Argument(..., help="A shapes-world
     except StudioError as exc:
         fail(str(exc))
     typer.echo(json.dumps(report, indent=1))
+
+
+@b4m.command("break")
+def b4m_break(role: str = typer.Option(..., help="content or style."),
+              kind: str = typer.Option(..., help="What the images teach: concept (a shape) or style (a texture)."),
+              subject: str = typer.Option(..., help="The shape or texture (shapes world)."),
+              trigger: str = typer.Option(..., help="Its trigger word."),
+              out: Path = typer.Option(...), seed: int = typer.Option(7, help="Seed of the frozen halves: use the "
+                                                                              "same one for both adapters of a pair."),
+              steps: int = typer.Option(400), rank: int = typer.Option(8), model: Optional[str] = typer.Option(None)):
+    """Train a B4M content or style adapter on the bundled model (CPU, minutes)."""
+    from composers.b4m import BreakConfig, break_train
+    from studio.models import load_base_model
+
+    if role not in ("content", "style") or kind not in ("concept", "style"):
+        fail("--role must be content or style, and --kind concept or style.")
+    command = (f"studio b4m break --role {role} --kind {kind} --subject {subject} --trigger {trigger} --out {out} "
+               f"--seed {seed} --steps {steps} --rank {rank}")
+    path = break_train(load_base_model(model), BreakConfig(role, kind, subject, trigger, seed=seed, rank=rank,
+                                                           steps=steps), out, command=command)
+    typer.echo(f"wrote {path}")
+
+
+@b4m.command("make")
+def b4m_make(content: Path = typer.Argument(...), style: Path = typer.Argument(...), out: Path = typer.Option(...),
+             finetune_steps: int = typer.Option(0, help="Optional joint fine-tune of both learnable halves."),
+             model: Optional[str] = typer.Option(None)):
+    """Assemble a B4M content adapter and a B4M style adapter (same seed) into one ordinary LoRA."""
+    from composers.b4m import BreakConfig, assemble, joint_finetune, save_plp_adapter
+    from studio.lora import inspect_lora
+    from studio.models import load_base_model
+
+    try:
+        fused = assemble(content, style, None if finetune_steps else out)
+        if finetune_steps:
+            configs = [BreakConfig(**json.loads(inspect_lora(p).metadata["studio_b4m_config"])) for p in (content, style)]
+            fused = joint_finetune(load_base_model(model), fused, configs[0], configs[1], finetune_steps)
+            save_plp_adapter(out, fused, "assembled", configs[0].seed, {"b4m_content": content.name,
+                                                                        "b4m_style": style.name})
+    except StudioError as exc:
+        fail(str(exc))
+    typer.echo(f"wrote {out}")
 
 
 def main() -> None:

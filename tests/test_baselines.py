@@ -198,3 +198,16 @@ def test_b4m_method_runs_the_assembled_adapter(tiny_pipe, tmp_path):
     ours = compose(tiny_pipe, spec("b4m", entries)).latents
     merged = compose(tiny_pipe, spec("merge", [LoraEntry(file=str(tmp_path / "made.safetensors"))])).latents
     assert (ours - merged).abs().max() < 1e-5
+
+
+def test_b4m_break_trains_only_the_learnable_halves_and_restores_the_unet(tiny_pipe, tmp_path):
+    from composers.b4m import PLPLinear, BreakConfig, break_train, create_plp_adapter, read_plp_adapter
+
+    cfg = BreakConfig("content", "concept", "crescent", "sks", seed=3, rank=2, steps=2, batch_size=2)
+    factors, meta = read_plp_adapter(break_train(tiny_pipe, cfg, tmp_path / "c.safetensors", progress=False))
+    fresh = create_plp_adapter(tiny_pipe.unet, 2, 3)
+    assert meta["b4m_role"] == "content" and set(factors) == set(fresh)
+    for name, f in factors.items():
+        assert torch.allclose(f.A, fresh[name].A) and torch.allclose(f.C, fresh[name].C)
+    assert any(f.D.abs().sum() > 0 for f in factors.values())  # content learns D (and B at the aux rate)
+    assert not any(isinstance(m, PLPLinear) for m in tiny_pipe.unet.modules())
