@@ -1,31 +1,52 @@
 """Composite (Zhong et al. 2024; METHODS §0): every step, one classifier-free-guidance pass per LoRA with
-only that LoRA active; ε_u and ε_c are the means over LoRAs, then CFG. The N passes run as ONE batched
-UNet call of 2N rows (LoRA k gated to its own rows)."""
+only that LoRA active; ε_u and ε_c are the means over LoRAs, then CFG. By default the N passes run as
+ONE batched UNet call of 2N rows (LoRA k gated to its own rows); `batched=False` runs them one after
+another, as the peers do (less memory)."""
 from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from composers.base import Composer, cfg_prediction, interleave_cfg, row_selectors
 from composers.regional import attach_gates, detach_gates
 from studio.engine import Session, classifier_free_guidance, unet_pass
 
 
+class CompositeParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    batched: bool = Field(True, description="All LoRAs' passes in one batched UNet call (else one call each).")
+
+
 class CompositeComposer(Composer):
     name = "composite"
     summary = "Composite: one pass per LoRA, predictions averaged before guidance."
-    passes_doc = "N (batched into one UNet call of 2N rows)"
+    passes_doc = "N (batched into one UNet call of 2N rows by default)"
+    Params = CompositeParams
 
     def setup(self, session: Session) -> None:
         self.names = list(session.adapters)
+        self._gates = []
         if not self.names:
             return super().setup(session)
-        for name, selector in zip(self.names, row_selectors(len(self.names), session.do_cfg)):
-            session.controller.adapter_batch_rows[name] = selector
-        parts = [session.encode([session.prompt], [session.negative_prompt], text_adapters=[n]) for n in self.names]
-        self.cond = interleave_cfg(parts, session.do_cfg)
-        self._gates = attach_gates(session)
+        self.conds = {n: session.encode([session.prompt], [session.negative_prompt], text_adapters=[n])
+                      for n in self.names}
+        if self.params.batched:
+            for name, selector in zip(self.names, row_selectors(len(self.names), session.do_cfg)):
+                session.controller.adapter_batch_rows[name] = selector
+            self.cond = interleave_cfg([self.conds[n] for n in self.names], session.do_cfg)
+            self._gates = attach_gates(session)
 
     def predict(self, session, latents, step, t):
         if not self.names:
             return cfg_prediction(session, latents, t, self.cond)
+        if not self.params.batched:
+            from studio.lora.inject import only_adapters
+
+            predictions = []
+            for name in self.names:
+                with only_adapters(session.pipe, [name]):
+                    predictions.append(cfg_prediction(session, latents, t, self.conds[name]))
+            return torch.stack(predictions).mean(0)  # CFG is linear: the mean of guided = guided of the means
         n = len(self.names)
         out = unet_pass(session.pipe, latents.expand(self.cond.embeds.shape[0], -1, -1, -1), t, self.cond)
         if not session.do_cfg:
@@ -36,6 +57,5 @@ class CompositeComposer(Composer):
         return float(max(1, len(session.adapters)))
 
     def teardown(self, session: Session) -> None:
-        if self.names:
-            detach_gates(self._gates)
-            session.controller.adapter_batch_rows = {}
+        detach_gates(self._gates)
+        session.controller.adapter_batch_rows = {}

@@ -118,10 +118,18 @@ def batch(presets: list[Path] = typer.Argument(None), out: Path = typer.Option(P
     not_built("batch")
 
 
-@app.command()
-def bench(name: str = typer.Argument("all")):
-    """Run a benchmark from bench/ and print its measured ratios."""
-    not_built("bench")
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context, name: str = typer.Argument(..., help="A benchmark in bench/ (e.g. regional_cost).")):
+    """Run a benchmark from bench/; it prints what it measured in this run."""
+    import runpy
+
+    from studio import paths
+
+    script = paths.PROJECT_ROOT / "bench" / f"{name}.py"
+    if not script.exists():
+        available = ", ".join(sorted(p.stem for p in script.parent.glob("*.py")))
+        fail(f"No benchmark named {name!r}; available: {available}.")
+    runpy.run_path(str(script), run_name="bench")["main"](ctx.args)
 
 
 DEFAULT_RUN = Path.home() / ".cache" / "lora-studio" / "toyworld-run"

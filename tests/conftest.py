@@ -75,7 +75,7 @@ def tiny_pipe():
 @pytest.fixture(scope="session")
 def tiny_loras(tiny_pipe, tmp_path_factory):
     """Two concept LoRAs (triggers 'sks', 'ohwx') and a style LoRA for the tiny pipeline."""
-    from tests.lora_factory import write_random_lora
+    from studio.lora.synthetic import write_random_lora
 
     folder = tmp_path_factory.mktemp("loras")
     return {name: write_random_lora(folder / f"{name}.safetensors", tiny_pipe, "shapes_world_v1", seed=seed,

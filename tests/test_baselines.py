@@ -98,6 +98,9 @@ def test_composite_averages_per_lora_predictions(tiny_pipe, tiny_loras):
         u, c = torch.stack(uncond).mean(0), torch.stack(cond).mean(0)
         assert torch.allclose(fused, u + 5.0 * (c - u), atol=1e-5)
         assert composer.passes(session) == 2.0
+    sequential = compose(tiny_pipe, spec("composite", entries, params={"batched": False})).latents
+    batched = compose(tiny_pipe, spec("composite", entries)).latents
+    assert torch.allclose(sequential, batched, atol=1e-4)
 
 
 def test_decor_identity_full_removal_and_word_tokens_only(tiny_pipe):

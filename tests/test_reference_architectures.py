@@ -10,7 +10,7 @@ PROMPT = "a photo of a sks dog and a ohwx cat"
 
 
 def _entries(folder, pipe, base):
-    from tests.lora_factory import write_random_lora
+    from studio.lora.synthetic import write_random_lora
 
     dog = write_random_lora(folder / "dog.safetensors", pipe, base, rank=2, seed=1, trigger="sks")
     cat = write_random_lora(folder / "cat.safetensors", pipe, base, rank=2, seed=2, trigger="ohwx")

@@ -1,5 +1,6 @@
-"""Synthetic LoRA files for a given pipeline: random low-rank factors on its attention, feed-forward and
-projection layers (and text encoder), written in kohya format with ss_* metadata."""
+"""Synthetic LoRA files for a given pipeline (tests and benchmarks): random low-rank factors on its
+attention, feed-forward and projection layers (and text encoder), written in kohya format with ss_*
+metadata."""
 from __future__ import annotations
 
 from pathlib import Path
