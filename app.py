@@ -73,10 +73,11 @@ def layout_preview(size: int, slots: list[dict]) -> Image.Image:
     canvas = Image.new("RGB", (size * scale, size * scale), "#f4f4f4")
     draw = ImageDraw.Draw(canvas)
     for i, slot in enumerate(slots):
-        if slot["file"] and slot["use_box"]:
+        if slot["use_box"]:
             x0, y0, x1, y1 = (v * size * scale for v in slot["box"])
-            draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=BOX_COLOURS[i], width=3)
-            draw.text((x0 + 4, y0 + 2), f"LoRA {i + 1}", fill=BOX_COLOURS[i])
+            draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=BOX_COLOURS[i], width=3 if slot["file"] else 1)
+            label = Path(str(slot["file"])).stem[:24] if slot["file"] else "(no file)"
+            draw.text((x0 + 4, y0 + 2), f"LoRA {i + 1}: {label}", fill=BOX_COLOURS[i])
     return canvas
 
 
@@ -145,8 +146,8 @@ def build_ui(state: StudioState) -> gr.Blocks:
                                 weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight")
                                 role = gr.Radio(["concept", "style"], value="concept", label="Role")
                             triggers = gr.Textbox(label="Trigger words (comma separated)")
+                            use_box = gr.Checkbox(value=i < 2, label="Place in a box (relative coordinates)")
                             with gr.Row():
-                                use_box = gr.Checkbox(value=i < 2, label="Place in a box")
                                 x0 = gr.Slider(0, 1, value=0.0 if i % 2 == 0 else 0.5, step=0.01, label="x0")
                                 y0 = gr.Slider(0, 1, value=0.0, step=0.01, label="y0")
                                 x1 = gr.Slider(0, 1, value=0.5 if i % 2 == 0 else 1.0, step=0.01, label="x1")

@@ -79,7 +79,7 @@ def load_base_model(ref: str | os.PathLike | None = None, device: str | None = N
             raise ModelNotAvailable(f"The bundled default model is missing from {ref}; re-clone the repository or "
                                     "train it with `studio toyworld train`.")
     path = Path(ref).expanduser()
-    kwargs = dict(torch_dtype=placement.dtype)
+    kwargs = dict(dtype=placement.dtype)
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise ModelNotAvailable(f"{path} is a folder but not a diffusers pipeline (it has no model_index.json).")

@@ -37,8 +37,9 @@ def sd15_pipe():
     gc.collect()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def sdxl_pipe():
+    """SDXL's 3.5 B parameters take 14 GB in fp32: built once, for the one module that uses it."""
     from studio.architectures import random_sdxl_pipeline
 
     pipe = random_sdxl_pipeline()

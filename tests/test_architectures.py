@@ -20,10 +20,3 @@ def test_sd15_shaped_pipeline_saves_loads_places_and_steps(sd15_pipe, tmp_path):
     placement = choose_placement()
     assert loaded.device.type == placement.device and loaded.unet.dtype == placement.dtype
     assert torch.equal(_one_step(loaded), _one_step(sd15_pipe))
-
-
-def test_sdxl_shaped_pipeline_places_and_steps(sdxl_pipe):
-    assert model_family(sdxl_pipe) == "SDXL"
-    assert sum(p.numel() for p in sdxl_pipe.unet.parameters()) == 2_567_463_684
-    assert sdxl_pipe.device.type == "cpu" and sdxl_pipe.unet.dtype == torch.float32
-    _one_step(sdxl_pipe)

@@ -9,6 +9,18 @@ from studio.spec import Composition, LoraEntry, Region
 PROMPT = "a photo of a sks dog and a ohwx cat"
 
 
+def test_sdxl_shaped_pipeline_places_and_steps(sdxl_pipe):
+    from studio.models import model_family
+
+    assert model_family(sdxl_pipe) == "SDXL"
+    assert sum(p.numel() for p in sdxl_pipe.unet.parameters()) == 2_567_463_684
+    assert sdxl_pipe.device.type == "cpu" and sdxl_pipe.unet.dtype == torch.float32
+    generator = torch.Generator().manual_seed(0)
+    out = sdxl_pipe("a photo of a cat", num_inference_steps=1, height=64, width=64, guidance_scale=5.0,
+                    output_type="latent", generator=generator).images
+    assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
+
+
 def _entries(folder, pipe, base):
     from studio.lora.synthetic import write_random_lora
 
@@ -41,40 +53,35 @@ def test_every_method_on_sd15_shaped_pipeline(sd15_pipe, tmp_path):
     assert set(results["regional"].masks) == set(results["clora"].masks) and len(results["clora"].maps) == 2
 
 
-@pytest.fixture(scope="module")
-def sdxl(request):
-    return request.getfixturevalue("sdxl_pipe")
+def test_every_method_on_sdxl_shaped_pipeline(sdxl_pipe, tmp_path):
+    _run_every_method(sdxl_pipe, _entries(tmp_path, sdxl_pipe, "sdxl_base_v1-0"))
 
 
-def test_every_method_on_sdxl_shaped_pipeline(sdxl, tmp_path):
-    _run_every_method(sdxl, _entries(tmp_path, sdxl, "sdxl_base_v1-0"))
-
-
-def test_decor_projects_each_sdxl_encoder_block_separately(sdxl):
+def test_decor_projects_each_sdxl_encoder_block_separately(sdxl_pipe):
     from composers.decor import decor_bases, decor_transform
     from studio.engine import encode
 
-    bases = decor_bases(sdxl, ["cat"])
+    bases = decor_bases(sdxl_pipe, ["cat"])
     assert [b.shape[0] for _, b in bases] == [768, 1280]
-    cond = encode(sdxl, [PROMPT], [""], 64, 64)
-    out = decor_transform(sdxl, ["cat"], 1.0)(cond, True)
+    cond = encode(sdxl_pipe, [PROMPT], [""], 64, 64)
+    out = decor_transform(sdxl_pipe, ["cat"], 1.0)(cond, True)
     for features, basis in bases:
         assert (out.embeds[1:, :, features] @ basis).abs().max() < 1e-3
     assert torch.equal(out.added["text_embeds"], cond.added["text_embeds"])  # pooled untouched
 
 
-def test_b4m_fused_checkpoint_with_old_keys_loads_as_an_ordinary_lora(sdxl, tmp_path):
+def test_b4m_fused_checkpoint_with_old_keys_loads_as_an_ordinary_lora(sdxl_pipe, tmp_path):
     """B4M's published checkpoints: SDXL, diffusers-0.22 keys `unet.unet.<block>.to_q.lora.down.weight`."""
     from safetensors.torch import save_file
 
     from studio.lora import attach_lora, detach_lora, inspect_lora, load_lora
 
-    projections = [name for name, module in sdxl.unet.named_modules()
+    projections = [name for name, module in sdxl_pipe.unet.named_modules()
                    if name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0")) and isinstance(module, torch.nn.Linear)]
     gen = torch.Generator().manual_seed(0)
     state = {}
     for name in projections:
-        layer = sdxl.unet.get_submodule(name)
+        layer = sdxl_pipe.unet.get_submodule(name)
         state[f"unet.unet.{name}.lora.down.weight"] = torch.randn(4, layer.in_features, generator=gen) * 0.01
         state[f"unet.unet.{name}.lora.up.weight"] = torch.randn(layer.out_features, 4, generator=gen) * 0.01
     path = tmp_path / "b4m_fused.safetensors"
@@ -83,8 +90,8 @@ def test_b4m_fused_checkpoint_with_old_keys_loads_as_an_ordinary_lora(sdxl, tmp_
     assert (info.base_model, info.modules) == ("SDXL", len(projections)) and len(projections) == 560
     weights = load_lora(path)
     assert {target for _, target in weights.modules} == set(projections)
-    injected = attach_lora(sdxl, weights, "b4m")
+    injected = attach_lora(sdxl_pipe, weights, "b4m")
     try:
         assert injected == sum(t.numel() for t in state.values())
     finally:
-        detach_lora(sdxl, "b4m")
+        detach_lora(sdxl_pipe, "b4m")
