@@ -129,7 +129,8 @@ def assemble(content_path: Path, style_path: Path, out_path: Path | None = None)
     fused = {n: PLPFactors(style[n].A, style[n].B, style[n].C, content[n].D) for n in content}
     if out_path is not None:
         save_plp_adapter(out_path, fused, "assembled", int(style_meta["b4m_seed"]),
-                         {"b4m_content": Path(content_path).name, "b4m_style": Path(style_path).name})
+                         {"b4m_content": Path(content_path).name, "b4m_style": Path(style_path).name,
+                          "ss_base_model_version": content_meta.get("ss_base_model_version", "shapes_world_v1")})
     return fused
 
 
