@@ -194,7 +194,26 @@ def test_lokr_kron_has_each_layers_shape(pipe):
         assert len(layers) == 350
         for (component, target), module in weights.modules.items():
             layer = layers[f"{component}.{target}"]
-            assert layer.adapters["falcon"].dense.shape == layer.base.weight.shape
+            adapter = layer.adapters["falcon"]
+            assert adapter.delta_weight(layer.base.weight).shape == layer.base.weight.shape
+            assert adapter.dense is None and adapter.kron is not None  # applied factored, never built
+        attached_bytes = sum(t.numel() * t.element_size() for layer in layers.values()
+                             for t in layer.adapters["falcon"].tensors())
+        assert attached_bytes < 20e6  # the dense ΔWs would take 3.8 GB
+        names = [n for n in layers if "downsamplers" in n or n.endswith(("conv1", "conv_shortcut", "to_k", "fc1",
+                                                                         "proj_in"))]
+        for name in names[::7]:  # applied factored == applied as the materialised ΔW, every kind of layer
+            layer = layers[name]
+            base = layer.base
+            delta = layer.adapters["falcon"].delta_weight(base.weight)
+            if isinstance(base, torch.nn.Conv2d):
+                x = torch.randn(1, base.in_channels, 9, 11)
+                want = base(x) + F.conv2d(x, delta, None, base.stride, base.padding, base.dilation)
+            else:
+                x = torch.randn(2, 3, base.in_features)
+                want = base(x) + F.linear(x, delta)
+            with torch.no_grad():
+                torch.testing.assert_close(layer(x), want, atol=1e-4, rtol=1e-4)
 
         conv = "down_blocks.1.resnets.0.conv1"
         key = f"lora_unet_{conv.replace('.', '_')}"

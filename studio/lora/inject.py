@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -79,6 +80,8 @@ class LoraLayer(nn.Module):
 
     def delta(self, module: LoraModule, x: Tensor) -> Tensor:
         """Δ(x) of one adapter, unscaled: low rank as up(down(x)), dense with the dense ΔW."""
+        if module.kron is not None:
+            return self._kron_delta(module, x)
         if isinstance(self.base, nn.Conv2d):
             return self._conv_delta(module, x)
         if module.dense is not None:
@@ -96,11 +99,33 @@ class LoraLayer(nn.Module):
             hidden = F.conv2d(x, module.down, None, **geometry)
         return F.conv2d(hidden, module.up)
 
+    def _kron_delta(self, module: LoraModule, x: Tensor) -> Tensor:
+        """kron(w1, w2) applied without building it: input channels split as (a2, b2), output as (a1, b1);
+        w2 acts inside each block of b2 channels, w1 mixes the blocks."""
+        w1, w2 = module.kron
+        a2 = w1.shape[1]
+        if isinstance(self.base, nn.Conv2d) and w2.dim() == 2:  # kron over the flattened (channel, kh, kw) axis
+            conv = self.base
+            patches = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (B, in·kh·kw, L)
+            blocks = patches.reshape(x.shape[0], a2, -1, patches.shape[-1])
+            out = torch.einsum("pr,brsl,qs->bpql", w1, blocks, w2).reshape(x.shape[0], -1, patches.shape[-1])
+            rows = (x.shape[2] + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
+            return out.reshape(x.shape[0], out.shape[1], rows, -1)
+        if isinstance(self.base, nn.Conv2d):
+            conv = self.base
+            batch, _, height, width = x.shape
+            inner = F.conv2d(x.reshape(batch * a2, -1, height, width), w2, None, stride=conv.stride,
+                             padding=conv.padding, dilation=conv.dilation)
+            inner = inner.reshape(batch, a2, *inner.shape[1:])
+            return torch.einsum("pr,brqhw->bpqhw", w1, inner).reshape(batch, -1, *inner.shape[-2:])
+        blocks = x.reshape(*x.shape[:-1], a2, -1)
+        return torch.einsum("pr,...rs,qs->...pq", w1, blocks, w2).reshape(*x.shape[:-1], -1)
+
     def _on_device_of_base(self, name: str) -> LoraModule:
         """Follow the base layer after `pipe.to(...)`: the adapter tensors are not buffers."""
         module = self.adapters[name]
         weight = self.base.weight
-        first = module.dense if module.dense is not None else module.down
+        first = next(t for t in (module.dense, module.down, *(module.kron or ())) if t is not None)
         if first.device != weight.device or first.dtype != weight.dtype:
             module = _cast(module, weight)
             self.adapters[name] = module
@@ -124,8 +149,9 @@ def _restore_base_in_state_dict(module, state_dict, prefix, *args) -> None:
 def _cast(module: LoraModule, like: Tensor) -> LoraModule:
     def cast(t):
         return None if t is None else t.to(device=like.device, dtype=like.dtype)
+    kron = None if module.kron is None else (cast(module.kron[0]), cast(module.kron[1]))
     return LoraModule(module.component, module.target, cast(module.down), cast(module.up), cast(module.mid),
-                      cast(module.dense), module.scale, cast(module.magnitude))
+                      cast(module.dense), module.scale, cast(module.magnitude), kron)
 
 
 # --- attaching --------------------------------------------------------------------------------------------
@@ -203,6 +229,8 @@ def fit_to_layer(module: LoraModule, layer: nn.Module, where: str) -> LoraModule
     grouped = isinstance(layer, nn.Conv2d) and layer.groups != 1
     if module.is_low_rank and module.magnitude is None and not grouped:
         fitted = _fit_low_rank(module, layer, where)
+    elif module.kron is not None and module.magnitude is None and not grouped and _kron_for_layer(module, layer):
+        fitted = _kron_for_layer(module, layer)
     else:
         fitted = _fit_dense(module, weight, where)
     return _cast(fitted, weight)
@@ -210,12 +238,36 @@ def fit_to_layer(module: LoraModule, layer: nn.Module, where: str) -> LoraModule
 
 def _fit_dense(module: LoraModule, weight: Tensor, where: str) -> LoraModule:
     """DoRA depends on the frozen base weight, so its exact ΔW is computed here once, like LoKr/LoHa's."""
-    raw = module.dense if module.dense is not None else module.low_rank_product()
+    raw = module.unscaled_delta()
     if raw.numel() != weight.numel():
         raise LoraError(f"{where} does not fit: the layer's weight is {tuple(weight.shape)} but the LoRA's update is "
                         f"{tuple(raw.shape)}.")
     delta = module.delta_weight(weight.float())
     return LoraModule(module.component, module.target, None, None, None, delta, 1.0)
+
+
+def _kron_for_layer(module: LoraModule, layer: nn.Module) -> LoraModule | None:
+    """LoKr's factors shaped to apply factored to this layer (w2 as a conv kernel for convs, which files
+    may store flattened), or None when they cannot (then its dense ΔW is built)."""
+    w1, w2 = module.kron
+    if w1.dim() != 2:
+        return None
+    if isinstance(layer, nn.Linear):
+        fits = w2.dim() == 2 and w1.shape[0] * w2.shape[0] == layer.out_features \
+            and w1.shape[1] * w2.shape[1] == layer.in_features
+        return module if fits else None
+    if layer.out_channels != w1.shape[0] * w2.shape[0] or isinstance(layer.padding, str):
+        return None
+    if w2.dim() == 2:  # applied to unfolded patches: the factors split the flattened (channel, kh, kw) axis
+        patch = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+        return module if w1.shape[1] * w2.shape[1] == patch else None
+    if layer.in_channels % w1.shape[1]:
+        return None
+    kernel = (w2.shape[0], layer.in_channels // w1.shape[1], *layer.kernel_size)
+    if w2.numel() != kernel[0] * kernel[1] * kernel[2] * kernel[3] or (w2.dim() == 4 and tuple(w2.shape) != kernel):
+        return None
+    return LoraModule(module.component, module.target, None, None, None, None, module.scale, None,
+                      (w1, w2.reshape(kernel)))
 
 
 def _fit_low_rank(module: LoraModule, layer: nn.Module, where: str) -> LoraModule:

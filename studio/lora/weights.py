@@ -30,18 +30,20 @@ class LoraModule:
     dense: Tensor | None  # dense ΔW (LoKr kron / LoHa Hadamard); reshaped to the layer's weight on use
     scale: float          # alpha / rank (1 without alpha), NOT including the user's weight
     magnitude: Tensor | None = None  # DoRA magnitude, if any
+    kron: tuple[Tensor, Tensor] | None = None  # LoKr (w1, w2), kept factored: ΔW = kron(w1, w2)
 
     @property
     def is_low_rank(self) -> bool:
         return self.down is not None
 
     def tensors(self) -> list[Tensor]:
-        return [t for t in (self.down, self.up, self.mid, self.dense, self.magnitude) if t is not None]
+        kron = self.kron or ()
+        return [t for t in (self.down, self.up, self.mid, self.dense, self.magnitude, *kron) if t is not None]
 
     def delta_weight(self, base_weight: Tensor | None = None) -> Tensor:
         """scale·(B@A) (or scale·dense) reshaped to the layer; for DoRA the full W'−W, which needs the
         layer's own weight."""
-        delta = self.dense if self.dense is not None else self.low_rank_product()
+        delta = self.unscaled_delta()
         if self.scale != 1.0:  # a dense ΔW can be as large as the layer: no copy when there is nothing to scale
             delta = delta * self.scale
         if base_weight is not None:
@@ -53,6 +55,15 @@ class LoraModule:
                 raise ValueError(f"the DoRA update of {self.target} depends on the layer's weight; pass base_weight")
             delta = dora_delta(base_weight.to(delta.dtype), delta, self.magnitude.to(delta.dtype))
         return delta
+
+    def unscaled_delta(self) -> Tensor:
+        """ΔW before scaling, materialised: the dense update, kron(w1, w2), or B@A."""
+        if self.dense is not None:
+            return self.dense
+        if self.kron is not None:
+            w1, w2 = self.kron
+            return torch.kron(w1[:, :, None, None] if w2.dim() == 4 else w1, w2)
+        return self.low_rank_product()
 
     def low_rank_product(self) -> Tensor:
         """B@A (unscaled), as a conv kernel for conv LoRAs."""
@@ -206,9 +217,14 @@ def _module_from_parts(component: str, target: str, t: dict[str, Tensor], defaul
         scale = alpha / rank if alpha else (default_scale or 1.0)
         return LoraModule(component, target, t["down"], t["up"], t.get("mid"), None, scale, magnitude)
     if any(role.startswith("lokr_") for role in t):
-        return LoraModule(component, target, None, None, None, _lokr_kron(t), _lokr_scale(t, alpha), magnitude)
+        return LoraModule(component, target, None, None, None, None, _lokr_scale(t, alpha), magnitude,
+                          kron=(_lokr_factor(t, 1).contiguous(), _lokr_factor(t, 2).contiguous()))
     rank = t["hada_w1_b"].shape[0]
-    return LoraModule(component, target, None, None, None, _loha_product(t), alpha / rank if alpha else 1.0, magnitude)
+    scale = alpha / rank if alpha else 1.0
+    if "hada_t1" in t or "hada_t2" in t:
+        return LoraModule(component, target, None, None, None, _loha_product(t), scale, magnitude)
+    down, up = _loha_as_low_rank(t)
+    return LoraModule(component, target, down, up, None, None, scale, magnitude)
 
 
 def _tucker(core: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -223,13 +239,6 @@ def _lokr_factor(t: dict[str, Tensor], n: int) -> Tensor:
     return _tucker(t["lokr_t2"], a, b) if n == 2 and "lokr_t2" in t else a @ b
 
 
-def _lokr_kron(t: dict[str, Tensor]) -> Tensor:
-    w1, w2 = _lokr_factor(t, 1), _lokr_factor(t, 2)
-    if w2.dim() == 4:
-        w1 = w1[:, :, None, None]
-    return torch.kron(w1.contiguous(), w2.contiguous())
-
-
 def _lokr_scale(t: dict[str, Tensor], alpha: float | None) -> float:
     """LyCORIS: alpha / dim when a factor is decomposed (dim = its inner size); 1 when both factors are
     full matrices, whatever alpha says."""
@@ -237,6 +246,15 @@ def _lokr_scale(t: dict[str, Tensor], alpha: float | None) -> float:
     if factorised is None or not alpha:
         return 1.0
     return alpha / factorised.shape[0]
+
+
+def _loha_as_low_rank(t: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(w1a@w1b) ⊙ (w2a@w2b) is exactly a rank r1·r2 LoRA (Khatri–Rao products of the factors):
+    up[:, (j, k)] = w1a[:, j]·w2a[:, k], down[(j, k), :] = w1b[j]·w2b[k]. No dense ΔW is ever built."""
+    w1a, w1b, w2a, w2b = t["hada_w1_a"], t["hada_w1_b"].flatten(1), t["hada_w2_a"], t["hada_w2_b"].flatten(1)
+    up = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], -1)
+    down = (w1b[:, None, :] * w2b[None, :, :]).reshape(-1, w1b.shape[1])
+    return down, up
 
 
 def _loha_product(t: dict[str, Tensor]) -> Tensor:
