@@ -142,7 +142,10 @@ def toyworld_train(workdir: Path = typer.Option(DEFAULT_RUN, help="Checkpoints a
                    export: Optional[Path] = typer.Option(None, help="Write the EMA pipeline here when done "
                                                                     "(e.g. assets/shapes-world)."),
                    max_minutes: Optional[float] = typer.Option(None, help="Stop (with a checkpoint) after this long."),
-                   threads: Optional[int] = typer.Option(None, help="torch CPU threads.")):
+                   threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+                   init_from: Optional[Path] = typer.Option(None, help="Without a checkpoint in --workdir, continue "
+                                                                       "from an exported model (e.g. "
+                                                                       "assets/shapes-world).")):
     """Train the bundled default model (VAE, then UNet + text encoder): seeded and resumable."""
     import torch
 
@@ -152,17 +155,16 @@ def toyworld_train(workdir: Path = typer.Option(DEFAULT_RUN, help="Checkpoints a
     if threads:
         torch.set_num_threads(threads)
     train_base(workdir, paths.TOKENIZER, BaseTrainConfig(seed=seed, steps=steps), export_dir=export,
-               max_minutes=max_minutes)
+               max_minutes=max_minutes, init_from=init_from)
 
 
 @toyworld.command("export")
 def toyworld_export(workdir: Path = typer.Option(DEFAULT_RUN), out: Path = typer.Option(Path("assets/shapes-world"))):
     """Export the EMA weights of the last checkpoint as a diffusers folder."""
     from studio import paths
-    from studio.toyworld.model import export_pipeline
-    from studio.toyworld.train import ema_pipeline
+    from studio.toyworld.train import ema_pipeline, export
 
-    export_pipeline(ema_pipeline(workdir, paths.TOKENIZER), out)
+    export(workdir, ema_pipeline(workdir, paths.TOKENIZER), out)
     typer.echo(f"wrote {out}")
 
 

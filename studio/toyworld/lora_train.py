@@ -129,7 +129,7 @@ def train_lora(pipe, cfg: LoraTrainConfig, out_path: Path, progress: bool = True
             shlex.quote(a) for a in sys.argv[3:]),
         "studio_train_config": json.dumps(asdict(cfg)),
     }
-    unet.delete_adapters(["default"])
+    unet.delete_adapters(["default"])  # diffusers' name
     if cfg.text_encoder:
-        text_encoder.delete_adapters(["default"])
+        text_encoder.delete_adapter("default")  # transformers' name
     return save_kohya(out_path, modules, metadata)

@@ -68,12 +68,18 @@ def _save_atomic(obj, path: Path) -> None:
     tmp.replace(path)
 
 
-def train_vae(workdir: Path, cfg: BaseTrainConfig, progress: bool = True):
-    """Train (or load) the factor-2 VAE; returns it frozen, with its scaling factor set."""
+def train_vae(workdir: Path, cfg: BaseTrainConfig, progress: bool = True, init_from: Path | None = None):
+    """Train (or load: from the workdir, else from an exported pipeline) the factor-2 VAE; returns it
+    frozen, with its scaling factor set."""
+    from diffusers import AutoencoderKL
+
     done = workdir / "vae"
     if (done / "config.json").exists():
-        from diffusers import AutoencoderKL
         return AutoencoderKL.from_pretrained(str(done)).eval().requires_grad_(False)
+    if init_from is not None:
+        vae = AutoencoderKL.from_pretrained(str(init_from), subfolder="vae", dtype=torch.float32)
+        vae.save_pretrained(str(done))
+        return vae.eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
     vae = toymodel.build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
@@ -103,10 +109,12 @@ def train_vae(workdir: Path, cfg: BaseTrainConfig, progress: bool = True):
 
 
 def train_base(workdir: Path, tokenizer_dir: Path, cfg: BaseTrainConfig, export_dir: Path | None = None,
-               progress: bool = True, max_minutes: float | None = None):
+               progress: bool = True, max_minutes: float | None = None, init_from: Path | None = None):
+    """Train, or continue: from the workdir's checkpoint, else (`init_from`) from an exported pipeline's
+    weights and step count (the optimiser state starts afresh)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    vae = train_vae(workdir, cfg, progress)
+    vae = train_vae(workdir, cfg, progress, init_from)
     tokenizer = toymodel.build_tokenizer(tokenizer_dir)
     torch.manual_seed(cfg.seed)
     unet, text_encoder = toymodel.build_unet(), toymodel.build_text_encoder()
@@ -122,6 +130,15 @@ def train_base(workdir: Path, tokenizer_dir: Path, cfg: BaseTrainConfig, export_
         opt.load_state_dict(ckpt["optimizer"])
         ema_unet.shadow, ema_text.shadow = ckpt["ema_unet"], ckpt["ema_text"]
         start = ckpt["step"]
+    elif init_from is not None:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(str(init_from), subfolder="unet").state_dict())
+        text_encoder.load_state_dict(CLIPTextModel.from_pretrained(str(init_from), subfolder="text_encoder").state_dict())
+        unet.float(), text_encoder.float()
+        ema_unet, ema_text = EMA(unet, cfg.ema_decay), EMA(text_encoder, cfg.ema_decay)
+        start = json.loads((Path(init_from) / "training.json").read_text())["steps"]
     noise_scheduler = toymodel.train_scheduler()
     scaling = vae.config.scaling_factor
     log = open(workdir / "loss.log", "a")
@@ -168,8 +185,19 @@ def train_base(workdir: Path, tokenizer_dir: Path, cfg: BaseTrainConfig, export_
     log.close()
     pipe = ema_pipeline(workdir, tokenizer_dir, vae)
     if export_dir is not None:
-        toymodel.export_pipeline(pipe, export_dir)
+        export(workdir, pipe, export_dir)
     return pipe
+
+
+def export(workdir: Path, pipe, out_dir: Path) -> None:
+    """The EMA pipeline as a diffusers folder, with `training.json` saying how it was made (so that
+    `--init-from` can continue from it on another machine)."""
+    toymodel.export_pipeline(pipe, out_dir)
+    ckpt_step = torch.load(workdir / "checkpoint.pt", weights_only=True)["step"]
+    record = {"steps": ckpt_step, "config": json.loads((workdir / "config.json").read_text()),
+              "command": "studio toyworld train", "vae": json.loads((workdir / "vae_report.json").read_text())
+              if (workdir / "vae_report.json").exists() else None}
+    (Path(out_dir) / "training.json").write_text(json.dumps(record, indent=1))
 
 
 def ema_pipeline(workdir: Path, tokenizer_dir: Path, vae=None):

@@ -1,0 +1,43 @@
+"""`studio toyworld train` is seeded and resumable; the LoRA trainer writes kohya files with metadata."""
+import json
+
+import torch
+
+from studio import paths
+from studio.toyworld.train import BaseTrainConfig, export, train_base
+
+TINY = dict(vae_steps=2, vae_batch_size=2, batch_size=2, checkpoint_every=1, warmup=1)
+
+
+def test_resuming_continues_exactly_where_training_stopped(tmp_path):
+    straight = train_base(tmp_path / "a", paths.TOKENIZER, BaseTrainConfig(steps=3, **TINY), progress=False)
+    train_base(tmp_path / "b", paths.TOKENIZER, BaseTrainConfig(steps=2, **TINY), progress=False)
+    resumed = train_base(tmp_path / "b", paths.TOKENIZER, BaseTrainConfig(steps=3, **TINY), progress=False)
+    assert len((tmp_path / "b" / "loss.log").read_text().splitlines()) == 3  # steps 0, 1, then 2 only
+    for (name, a), b in zip(straight.unet.state_dict().items(), resumed.unet.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_training_continues_from_an_exported_model(tmp_path):
+    pipe = train_base(tmp_path / "a", paths.TOKENIZER, BaseTrainConfig(steps=2, **TINY), progress=False)
+    export(tmp_path / "a", pipe, tmp_path / "exported")
+    record = json.loads((tmp_path / "exported" / "training.json").read_text())
+    assert record["steps"] == 2
+    train_base(tmp_path / "elsewhere", paths.TOKENIZER, BaseTrainConfig(steps=3, **TINY), progress=False,
+               init_from=tmp_path / "exported")
+    assert torch.load(tmp_path / "elsewhere" / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert len((tmp_path / "elsewhere" / "loss.log").read_text().splitlines()) == 1
+
+
+def test_lora_trainer_writes_kohya_with_trigger_and_metadata(tiny_pipe, tmp_path):
+    from studio.lora import inspect_lora, load_lora
+    from studio.toyworld.lora_train import LoraTrainConfig, train_lora
+
+    cfg = LoraTrainConfig(kind="concept", subject="crescent", trigger="sks", steps=2, batch_size=2, rank=2)
+    path = train_lora(tiny_pipe, cfg, tmp_path / "crescent_sks.safetensors", progress=False)
+    info = inspect_lora(path)
+    assert (info.format, info.base_model, info.rank) == ("kohya", "shapes-world", 2)
+    assert "sks" in info.trigger_words and info.has_text_encoder
+    assert json.loads(info.metadata["studio_train_config"])["subject"] == "crescent"
+    assert load_lora(path).parameter_count() > 0
+    assert not any("lora" in n.lower() for n, _ in tiny_pipe.unet.named_parameters())  # adapters removed
