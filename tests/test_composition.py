@@ -199,3 +199,30 @@ def test_composer_processors_are_restored(tiny_pipe, tiny_loras):
     entry = LoraEntry(file=str(tiny_loras["alpha"]), trigger_words=["sks"], region=Region(box=(0, 0, 0.5, 1)))
     compose(tiny_pipe, spec("lora_composer", [entry], params={"guidance_steps": 1}))
     assert {k: type(v) for k, v in tiny_pipe.unet.attn_processors.items()} == before
+
+
+def test_a_cancelled_run_says_so_and_leaves_the_pipeline_as_it_was(tiny_pipe, tiny_loras):
+    from studio.errors import Cancelled
+    from studio.lora.inject import lora_layers
+
+    processors = {k: type(v) for k, v in tiny_pipe.unet.attn_processors.items()}
+    entry = LoraEntry(file=str(tiny_loras["alpha"]), trigger_words=["sks"], region=Region(box=(0, 0, 0.5, 1)))
+    with pytest.raises(Cancelled) as info:
+        compose(tiny_pipe, spec("lora_composer", [entry], steps=4), callback=lambda step: step.step < 1)
+    assert str(info.value) == "Generation was cancelled at step 2 of 4; nothing was changed."
+    assert not lora_layers(tiny_pipe)
+    assert {k: type(v) for k, v in tiny_pipe.unet.attn_processors.items()} == processors
+    assert torch.allclose(compose(tiny_pipe, spec("merge")).latents, plain_latents(tiny_pipe, PROMPT), atol=1e-5)
+
+
+def test_a_bad_lora_among_good_ones_attaches_nothing(tiny_pipe, tiny_loras, tmp_path):
+    from studio.errors import LoraError
+    from studio.lora.inject import lora_layers
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    entries = [LoraEntry(file=str(tiny_loras["alpha"])), LoraEntry(file=str(bad))]
+    with pytest.raises(LoraError) as info:
+        compose(tiny_pipe, spec("merge", entries))
+    assert "bad.safetensors" in str(info.value) and "\n" not in str(info.value)
+    assert not lora_layers(tiny_pipe)
