@@ -41,10 +41,10 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to listen on."),
                                                           "folder of the same architecture."),
           open_browser: bool = typer.Option(False, "--open", help="Open a browser tab.")):
     """Start the web studio."""
-    import app as studio_app
+    from studio import webapp
 
     try:
-        studio_app.main(host=host, port=port, model=model, config=config, open_browser=open_browser)
+        webapp.main(host=host, port=port, model=model, config=config, open_browser=open_browser)
     except StudioError as exc:
         fail(str(exc))
 
