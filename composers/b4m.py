@@ -201,6 +201,7 @@ def _train_plp(pipe, factors: dict[str, PLPFactors], scenes_for_step, lr_B: floa
     into the UNet on rendered scenes; the frozen halves never change."""
     from studio.toyworld.model import train_scheduler
     from studio.toyworld.render import image_to_tensor_array, render
+    from studio.toyworld.train import encode_latents
 
     unet, vae, tokenizer, text_encoder = pipe.unet, pipe.vae, pipe.tokenizer, pipe.text_encoder
     for module in (unet, vae, text_encoder):
@@ -217,8 +218,8 @@ def _train_plp(pipe, factors: dict[str, PLPFactors], scenes_for_step, lr_B: floa
             images = torch.from_numpy(np.stack([image_to_tensor_array(render(s, rng.randrange(1 << 30)))
                                                 for s in scenes]))
             gen = torch.Generator().manual_seed(seed * 7919 + step)
+            latents = encode_latents(vae, images)
             with torch.no_grad():
-                latents = vae.encode(images).latent_dist.sample(generator=gen) * vae.config.scaling_factor
                 ids = tokenizer([s.caption() for s in scenes], padding="max_length", max_length=77, truncation=True,
                                 return_tensors="pt").input_ids
                 embeds = text_encoder(ids)[0]

@@ -80,6 +80,7 @@ def train_lora(pipe, cfg: LoraTrainConfig, out_path: Path, progress: bool = True
 
     from studio.lora.kohya_export import save_kohya
     from studio.toyworld.model import train_scheduler
+    from studio.toyworld.train import encode_latents
 
     if cfg.kind == "concept" and cfg.subject not in NOVEL_SHAPES + BASE_SHAPES:
         raise ValueError(f"unknown shape {cfg.subject!r}")
@@ -97,14 +98,12 @@ def train_lora(pipe, cfg: LoraTrainConfig, out_path: Path, progress: bool = True
     params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     noise_scheduler = train_scheduler()
-    scaling = vae.config.scaling_factor
     unet.train()
     bar = tqdm(range(cfg.steps), desc=f"lora {cfg.trigger}", disable=not progress)
     for step in bar:
         images, captions = training_batch(cfg, step)
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-        with torch.no_grad():
-            latents = vae.encode(images).latent_dist.sample(generator=gen) * scaling
+        latents = encode_latents(vae, images)
         ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)

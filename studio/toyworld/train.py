@@ -37,6 +37,14 @@ class BaseTrainConfig:
     checkpoint_every: int = 250
 
 
+def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
+    """The diffusion model's training latents: the VAE posterior's mean, scaled. Its samples would add
+    noise as large as the signal (posterior std 0.62 against 0.66 for the means: with a KL weight of
+    1e-6 the decoder learnt to ignore it), which no denoiser can predict."""
+    with torch.no_grad():
+        return vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+
+
 def render_batch(seed: int, step: int, batch_size: int, **scene_kwargs):
     rng = random.Random(seed * 1_000_003 + step)
     scenes = [random_scene(rng, **scene_kwargs) for _ in range(batch_size)]
@@ -140,7 +148,6 @@ def train_base(workdir: Path, tokenizer_dir: Path, cfg: BaseTrainConfig, export_
         ema_unet, ema_text = EMA(unet, cfg.ema_decay), EMA(text_encoder, cfg.ema_decay)
         start = json.loads((Path(init_from) / "training.json").read_text())["steps"]
     noise_scheduler = toymodel.train_scheduler()
-    scaling = vae.config.scaling_factor
     log = open(workdir / "loss.log", "a")
     t_end = None if max_minutes is None else time.time() + 60 * max_minutes
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="shapes-world", disable=not progress)
@@ -155,8 +162,7 @@ def train_base(workdir: Path, tokenizer_dir: Path, cfg: BaseTrainConfig, export_
         images, captions = render_batch(cfg.seed, step, cfg.batch_size)
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
         captions = ["" if torch.rand((), generator=gen) < cfg.caption_dropout else c for c in captions]
-        with torch.no_grad():
-            latents = vae.encode(images).latent_dist.sample(generator=gen) * scaling
+        latents = encode_latents(vae, images)
         ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
