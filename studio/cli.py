@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -9,6 +10,9 @@ from typing import Optional
 import typer
 
 from studio.errors import StudioError
+
+# transformers warns at import time about optional image backends the studio never uses
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 app = typer.Typer(help="LoRA Studio: compose several LoRAs on a diffusion model.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
