@@ -23,6 +23,8 @@ BOX_COLOURS = ["#e4572e", "#2e86ab", "#76b041", "#f3a712"]
 CSS = """
 #title {margin-bottom: 0}
 .small-note {font-size: 0.85em; opacity: 0.8}
+#result img {min-width: 320px; image-rendering: pixelated}
+#maps img {image-rendering: pixelated}
 """
 
 
@@ -49,7 +51,7 @@ class StudioState:
                 continue
             for entry in scan_library(folder if folder is not None else self.library):
                 if entry.usable:
-                    files[f"{entry.name} ({entry.info.base_model})"] = str(entry.path)
+                    files[f"{Path(entry.path).stem} ({entry.info.base_model})"] = str(entry.path)
         return files
 
     def library_rows(self) -> list[list[str]]:
@@ -162,8 +164,9 @@ def build_ui(state: StudioState) -> gr.Blocks:
                         preset_out = gr.File(label="Preset of the last image")
                 with gr.Column(scale=2):
                     layout = gr.Image(label="Layout", type="pil", format="png", height=256, interactive=False)
-                    image = gr.Image(label="Result", type="filepath", format="png", height=384)
-                    maps = gr.Gallery(label="Attention maps and masks", columns=4, height=200, format="png")
+                    image = gr.Image(label="Result", type="filepath", format="png", height=384, elem_id="result")
+                    maps = gr.Gallery(label="Attention maps and masks", columns=4, height=200, format="png",
+                                      elem_id="maps")
                     info = gr.Markdown(elem_classes="small-note")
 
         with gr.Tab("Library"):

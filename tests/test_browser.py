@@ -1,0 +1,51 @@
+"""The studio in a real browser (Playwright driving Debian's Chromium): a designer's first generation.
+Skipped where /usr/bin/chromium is not installed."""
+import shutil
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+
+
+@pytest.fixture(scope="module")
+def studio_url(tiny_pipe, tiny_loras, tmp_path_factory):
+    import shutil as sh
+
+    from studio import webapp
+
+    folder = tmp_path_factory.mktemp("model")
+    tiny_pipe.save_pretrained(folder)
+    library = tmp_path_factory.mktemp("library")
+    for name in ("alpha", "beta"):
+        sh.copy(tiny_loras[name], library / f"{name}.safetensors")
+    demo = webapp.main(host="127.0.0.1", port=7875, model=str(folder), library=str(library), prevent_thread_lock=True)
+    yield "http://127.0.0.1:7875/"
+    demo.close()
+
+
+def test_a_designer_places_two_loras_and_generates(studio_url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.goto(studio_url)
+        expect(page.get_by_text("LoRA Studio").first).to_be_visible(timeout=60_000)
+        page.get_by_label("Steps").first.fill("2")
+        for index, name in enumerate(("alpha", "beta")):
+            dropdown = page.get_by_label("File").nth(index)
+            dropdown.click()
+            page.get_by_role("option", name=f"{name} (shapes-world)").click()
+        expect(page.get_by_label("Trigger words (comma separated)").first).to_have_value("sks", timeout=30_000)
+        page.get_by_role("button", name="Generate").click()
+        expect(page.get_by_text("UNet passes per step")).to_be_visible(timeout=120_000)
+        page.screenshot(path=str(tmp_path / "studio.png"), full_page=True)
+        result = page.locator("#result img")
+        expect(result).to_be_visible(timeout=30_000)
+        assert result.get_attribute("src").split("?")[0].endswith(".png")
+        # each concept's map (last step) and mask
+        expect(page.locator("#maps img")).to_have_count(4, timeout=30_000)
+        browser.close()
