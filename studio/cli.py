@@ -43,12 +43,14 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to listen on."),
                                                          "(default: the bundled shapes-world model)."),
           config: Optional[str] = typer.Option(None, help="For a single-file checkpoint offline: a local diffusers "
                                                           "folder of the same architecture."),
+          library: Optional[str] = typer.Option(None, help="LoRA library folder (default ~/.cache/lora-studio/loras "
+                                                          "or $LORA_STUDIO_LORAS)."),
           open_browser: bool = typer.Option(False, "--open", help="Open a browser tab.")):
     """Start the web studio."""
     from studio import webapp
 
     try:
-        webapp.main(host=host, port=port, model=model, config=config, open_browser=open_browser)
+        webapp.main(host=host, port=port, model=model, config=config, open_browser=open_browser, library=library)
     except StudioError as exc:
         fail(str(exc))
 

@@ -303,8 +303,9 @@ def cli_main(argv=None):
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--model", default=None, help="Folder, .safetensors file or hub id (default: bundled model).")
     parser.add_argument("--config", default=None, help="Local diffusers folder for a single-file checkpoint offline.")
+    parser.add_argument("--library", default=None, help="LoRA library folder.")
     args = parser.parse_args(argv)
     try:
-        main(args.host, args.port, args.model, args.config)
+        main(args.host, args.port, args.model, args.config, library=args.library)
     except StudioError as exc:
         raise SystemExit(f"error: {exc}") from None
