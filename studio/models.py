@@ -71,7 +71,11 @@ def load_base_model(ref: str | os.PathLike | None = None, device: str | None = N
     offline use), or a hub id (needs the network or a populated hub cache).
     """
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
+    diffusers_logging.disable_progress_bar()  # the studio shows its own progress; loading bars are noise
+    transformers_logging.disable_progress_bar()
     placement = choose_placement(device, dtype)
     if ref is None:
         ref = paths.DEFAULT_MODEL
