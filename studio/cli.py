@@ -31,11 +31,6 @@ def fail(message: str, as_json: bool = False) -> None:
     raise typer.Exit(2)
 
 
-def not_built(name: str) -> None:
-    typer.secho(f"`studio {name}` is not built yet.", err=True)
-    raise typer.Exit(3)
-
-
 @app.command()
 def serve(host: str = typer.Option("127.0.0.1", help="Address to listen on."),
           port: int = typer.Option(7860, help="Port."),
@@ -119,9 +114,25 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
 
 
 @app.command()
-def batch(presets: list[Path] = typer.Argument(None), out: Path = typer.Option(Path("out"), "--out")):
-    """Generate many presets and seeds, locally or on Ray."""
-    not_built("batch")
+def batch(presets: list[Path] = typer.Argument(..., help="Presets (.json or PNGs made by the studio)."),
+          out: Path = typer.Option(..., "--out", help="Output folder (results and index.jsonl)."),
+          seeds: Optional[str] = typer.Option(None, help="e.g. 0-7 or 1,5,9 (default: each preset's seed)."),
+          method: Optional[str] = typer.Option(None, help="Override every preset's method."),
+          model: Optional[str] = typer.Option(None, help="Override every preset's base model.")):
+    """Generate presets × seeds on this machine; a failing job is reported and the others go on."""
+    from studio.batch import BatchJob, parse_seeds, run_batch
+
+    try:
+        jobs = [BatchJob(p, s, method) for p in presets for s in parse_seeds(seeds)]
+    except StudioError as exc:
+        fail(str(exc))
+    records = run_batch(jobs, out, model)
+    failed = [r for r in records if "error" in r]
+    for record in failed:
+        typer.secho(f"error: {Path(record['preset']).name} (seed {record['seed']}): {record['error']}", err=True)
+    typer.echo(f"{len(records) - len(failed)} of {len(records)} images written to {out} (index: {out / 'index.jsonl'})")
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

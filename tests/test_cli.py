@@ -73,3 +73,20 @@ def test_region_validation_names_the_field():
 
     with pytest.raises(PresetError, match=r"field `loras.0.region`"):
         parse_composition({"prompt": "x", "loras": [{"file": "a", "region": {"box": [0.5, 0, 0.2, 1]}}]})
+
+
+def test_batch_generates_presets_times_seeds_and_reports_failures(tiny_folder, tiny_loras, tmp_path):
+    composition = Composition(base_model=str(tiny_folder), prompt="a large solid red sks on the left", steps=2,
+                              method="regional",
+                              loras=[LoraEntry(file=str(tiny_loras["alpha"]), trigger_words=["sks"],
+                                               region=Region(box=(0, 0, 0.5, 1)))])
+    good = tmp_path / "good.json"
+    save_preset(composition, good)
+    missing = tmp_path / "missing.json"
+    result = runner.invoke(app, ["batch", str(good), str(missing), "--seeds", "0-1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    records = [json.loads(line) for line in (tmp_path / "out" / "index.jsonl").read_text().splitlines()]
+    assert [(r["seed"], "error" in r) for r in records] == [(0, False), (1, False), (0, True), (1, True)]
+    assert all(Image.open(r["image"]).size == (64, 64) for r in records[:2])
+    assert "2 of 4 images written" in result.stdout and "missing.json" in result.output
+    assert runner.invoke(app, ["batch", str(good), "--seeds", "x", "--out", str(tmp_path)]).exit_code == 2

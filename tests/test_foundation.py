@@ -82,13 +82,6 @@ def test_bad_references_fail_in_one_sentence(tmp_path):
         load_base_model(tmp_path / "missing.safetensors")
 
 
-def test_unbuilt_subcommand_says_so_and_fails():
-    result = subprocess.run(STUDIO + ["batch"], capture_output=True, text=True)
-    if "not built yet" not in result.stderr:
-        pytest.skip("`studio batch` is built")
-    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
-
-
 def test_single_file_checkpoint_loads_with_a_local_config(tiny_pipe, tmp_path):
     from tests.ldm_export import export_single_file
 
