@@ -20,6 +20,20 @@ if TYPE_CHECKING:
     from composers.base import Composer
 
 
+SCHEDULERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
+              "dpm++": "DPMSolverMultistepScheduler"}
+
+
+def scheduler_for(pipe, name: str | None):
+    """The pipeline's scheduler, or one of the named class built from its config (same noise schedule)."""
+    import diffusers
+
+    if name is None:
+        return pipe.scheduler
+    cls = getattr(diffusers, SCHEDULERS[name])
+    return pipe.scheduler if type(pipe.scheduler) is cls else cls.from_config(pipe.scheduler.config)
+
+
 def adapter_name(index: int, file: str) -> str:
     stem = re.sub(r"[^A-Za-z0-9_]", "_", Path(file).stem)[:40]
     return f"l{index}_{stem}"
@@ -79,6 +93,7 @@ def prepared_session(pipe, composition: Composition, loaded: dict | None = None
         if module is not None:
             module.requires_grad_(False)
     attached = []
+    own_scheduler, pipe.scheduler = pipe.scheduler, scheduler_for(pipe, composition.scheduler)
     try:
         for name, (entry, weights) in loaded.items():
             attach_lora(pipe, weights, name, entry.weight)
@@ -96,6 +111,7 @@ def prepared_session(pipe, composition: Composition, loaded: dict | None = None
     finally:
         for name in reversed(attached):
             detach_lora(pipe, name)
+        pipe.scheduler = own_scheduler
 
 
 def _params(composer_cls, composition: Composition):

@@ -65,7 +65,8 @@ class Composition(BaseModel):
     height: Optional[int] = Field(None, ge=16, le=4096)
     steps: int = Field(20, ge=1, le=1000)
     guidance: float = Field(5.0, ge=0.0, le=50.0)
-    scheduler: Literal["ddim", "ddpm", "euler", "dpm++"] = "ddim"
+    scheduler: Optional[Literal["ddim", "ddpm", "euler", "dpm++"]] = Field(
+        None, description="Sampler for this run; None keeps the model's own (the bundled model's: DDIM).")
     seed: int = 0
     loras: list[LoraEntry] = Field(default_factory=list)
     method: str = "regional"

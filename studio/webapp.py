@@ -19,6 +19,7 @@ from studio.models import load_base_model, model_family
 from studio.spec import Composition, LoraEntry, Region, load_preset, parse_composition, save_preset
 
 N_SLOTS = 4
+MODEL_DEFAULT = "model default"
 BOX_COLOURS = ["#e4572e", "#2e86ab", "#76b041", "#f3a712"]
 CSS = """
 #title {margin-bottom: 0}
@@ -93,7 +94,8 @@ def slot_values(flat: list) -> list[dict]:
     return slots
 
 
-def composition_from_ui(state: StudioState, prompt, negative, method, params_json, steps, guidance, seed, flat):
+def composition_from_ui(state: StudioState, prompt, negative, method, params_json, steps, guidance, seed, sampler,
+                        flat):
     files = state.lora_files()
     loras = []
     for slot in slot_values(flat):
@@ -109,6 +111,7 @@ def composition_from_ui(state: StudioState, prompt, negative, method, params_jso
         raise StudioError(f"The method parameters are not valid JSON ({exc.msg}).") from None
     return parse_composition({"base_model": state.model_ref, "prompt": prompt, "negative_prompt": negative,
                               "steps": int(steps), "guidance": float(guidance), "seed": int(seed), "method": method,
+                              "scheduler": None if sampler == MODEL_DEFAULT else sampler,
                               "params": params, "loras": [e.model_dump(mode="json") for e in loras]}, "the studio")
 
 
@@ -136,6 +139,8 @@ def build_ui(state: StudioState) -> gr.Blocks:
                         steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
                         guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance")
                         seed = gr.Number(value=0, precision=0, label="Seed")
+                        sampler = gr.Dropdown([MODEL_DEFAULT, "ddim", "ddpm", "euler", "dpm++"], value=MODEL_DEFAULT,
+                                              label="Sampler")
                     method_note = gr.Markdown(registry()["regional"].summary, elem_classes="small-note")
                     with gr.Accordion("Method parameters (JSON)", open=False):
                         params = gr.Code(method_defaults("regional"), language="json", label="Parameters")
@@ -211,14 +216,14 @@ def build_ui(state: StudioState) -> gr.Blocks:
         for i in range(N_SLOTS):
             slot_inputs[i * 10].change(on_file, slot_inputs[i * 10], slot_inputs[i * 10 + 3])
 
-        def on_generate(prompt_text, negative_text, method_name, params_json, n_steps, cfg, seed_value, *flat,
-                        progress=gr.Progress()):
+        def on_generate(prompt_text, negative_text, method_name, params_json, n_steps, cfg, seed_value, sampler_name,
+                        *flat, progress=gr.Progress()):
             from studio.compose import compose
             from studio.outputs import write_result
 
             try:
                 composition = composition_from_ui(state, prompt_text, negative_text, method_name, params_json,
-                                                  n_steps, cfg, seed_value, list(flat))
+                                                  n_steps, cfg, seed_value, sampler_name, list(flat))
             except StudioError as exc:
                 raise gr.Error(str(exc)) from None
             state.cancel.clear()
@@ -244,13 +249,13 @@ def build_ui(state: StudioState) -> gr.Blocks:
                     f"{result.info['unet_passes_per_step']:.2f} UNet passes per step")
             return str(written[0]), gallery, str(preset_path), note
 
-        run.click(on_generate, [prompt, negative, method, params, steps, guidance, seed] + slot_inputs,
+        run.click(on_generate, [prompt, negative, method, params, steps, guidance, seed, sampler] + slot_inputs,
                   [image, maps, preset_out, info])
         stop.click(lambda: state.cancel.set(), None, None)
 
         def on_preset(file):
             if file is None:
-                return [gr.update()] * (7 + len(slot_inputs))
+                return [gr.update()] * (8 + len(slot_inputs))
             try:
                 composition = load_preset(Path(file))
             except StudioError as exc:
@@ -258,7 +263,8 @@ def build_ui(state: StudioState) -> gr.Blocks:
             files = {v: k for k, v in state.lora_files().items()}
             values = [composition.prompt, composition.negative_prompt, composition.method,
                       json.dumps(composition.params or json.loads(method_defaults(composition.method)), indent=1),
-                      composition.steps, composition.guidance, composition.seed]
+                      composition.steps, composition.guidance, composition.seed,
+                      composition.scheduler or MODEL_DEFAULT]
             for i in range(N_SLOTS):
                 if i < len(composition.loras):
                     e = composition.loras[i]
@@ -269,7 +275,8 @@ def build_ui(state: StudioState) -> gr.Blocks:
                     values += [None, 1.0, "concept", "", False, 0, 0, 1, 1, ""]
             return values
 
-        preset_in.change(on_preset, preset_in, [prompt, negative, method, params, steps, guidance, seed] + slot_inputs)
+        preset_in.change(on_preset, preset_in, [prompt, negative, method, params, steps, guidance, seed, sampler]
+                         + slot_inputs)
 
         def on_assemble(content_label, style_label):
             from composers.b4m import assemble

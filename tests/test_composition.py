@@ -226,3 +226,10 @@ def test_a_bad_lora_among_good_ones_attaches_nothing(tiny_pipe, tiny_loras, tmp_
         compose(tiny_pipe, spec("merge", entries))
     assert "bad.safetensors" in str(info.value) and "\n" not in str(info.value)
     assert not lora_layers(tiny_pipe)
+
+
+def test_the_preset_scheduler_is_used_for_the_run_only(tiny_pipe):
+    own = tiny_pipe.scheduler
+    ddim = compose(tiny_pipe, spec("merge")).latents
+    euler = compose(tiny_pipe, spec("merge", scheduler="euler")).latents
+    assert tiny_pipe.scheduler is own and torch.isfinite(euler).all() and not torch.allclose(ddim, euler)
