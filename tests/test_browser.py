@@ -36,9 +36,9 @@ def test_a_designer_places_two_loras_and_generates(studio_url, tmp_path):
         expect(page.get_by_text("LoRA Studio").first).to_be_visible(timeout=60_000)
         page.get_by_label("Steps").first.fill("2")
         for index, name in enumerate(("alpha", "beta")):
-            dropdown = page.get_by_label("File").nth(index)
-            dropdown.click()
-            page.get_by_role("option", name=f"{name} (shapes-world)").click()
+            page.get_by_label("File").nth(index).click()
+            page.locator(f"li[role=option][aria-label='{name} (shapes-world)']:visible").click()
+            page.keyboard.press("Escape")
         expect(page.get_by_label("Trigger words (comma separated)").first).to_have_value("sks", timeout=30_000)
         page.get_by_role("button", name="Generate").click()
         expect(page.get_by_text("UNet passes per step")).to_be_visible(timeout=120_000)
