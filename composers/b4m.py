@@ -147,8 +147,8 @@ class PLPLinear(nn.Module):
         self.D = nn.Parameter(factors.D.clone())
 
     def forward(self, x):
-        up = torch.cat([self.A, self.B], 0)
-        down = torch.cat([self.C, self.D], 1)
+        up = torch.cat([self.A, self.B], 0).to(x.dtype)  # fp32 halves, computed in the model's dtype
+        down = torch.cat([self.C, self.D], 1).to(x.dtype)
         return self.base(x) + F.linear(F.linear(x, down), up)
 
     def factors(self) -> PLPFactors:
@@ -176,7 +176,8 @@ def _wrap(unet: nn.Module, factors: dict[str, PLPFactors]) -> dict[str, PLPLinea
     for name, f in factors.items():
         parent, _, child = name.rpartition(".")
         owner = unet.get_submodule(parent)
-        layer = PLPLinear(getattr(owner, child) if not child.isdigit() else owner[int(child)], f)
+        base = getattr(owner, child) if not child.isdigit() else owner[int(child)]
+        layer = PLPLinear(base, f).to(base.weight.device)
         if child.isdigit():
             owner[int(child)] = layer
         else:
@@ -195,44 +196,112 @@ def _unwrap(unet: nn.Module, wrapped: dict[str, PLPLinear]) -> None:
             setattr(owner, child, layer.base)
 
 
-def _train_plp(pipe, factors: dict[str, PLPFactors], scenes_for_step, lr_B: float, lr_D: float, steps: int,
+def _train_plp(pipe, factors: dict[str, PLPFactors], batch_for_step, lr_B: float, lr_D: float, steps: int,
                batch_size: int, seed: int, desc: str, progress: bool) -> dict[str, PLPFactors]:
     """Train the learnable halves (B at lr_B, D at lr_D; a zero rate freezes one) of PLP adapters wrapped
-    into the UNet on rendered scenes; the frozen halves never change."""
-    from studio.toyworld.model import train_scheduler
-    from studio.toyworld.render import image_to_tensor_array, render
+    into the UNet; the frozen halves never change. `batch_for_step(rng, step, n)` gives (images in
+    [-1, 1], captions); the loss follows the model's own noise schedule and prediction type, and the
+    conditioning is encoded as the pipeline encodes it (both text encoders on SDXL)."""
+    from diffusers import DDPMScheduler
+
+    from studio.engine import encode
     from studio.toyworld.train import encode_latents
 
-    unet, vae, tokenizer, text_encoder = pipe.unet, pipe.vae, pipe.tokenizer, pipe.text_encoder
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False)
+    unet, vae = pipe.unet, pipe.vae
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).requires_grad_(False)
     wrapped = _wrap(unet, factors)
     groups = [{"params": [l.B for l in wrapped.values()], "lr": lr_B},
               {"params": [l.D for l in wrapped.values()], "lr": lr_D}]
     opt = torch.optim.AdamW([g for g in groups if g["lr"] > 0])
-    noise_scheduler = train_scheduler()
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     rng = random.Random(seed)
     try:
         for step in tqdm(range(steps), desc=desc, disable=not progress):
-            scenes = scenes_for_step(rng, step, batch_size)
-            images = torch.from_numpy(np.stack([image_to_tensor_array(render(s, rng.randrange(1 << 30)))
-                                                for s in scenes]))
+            images, captions = batch_for_step(rng, step, batch_size)
+            images = images.to(device=vae.device, dtype=vae.dtype)
             gen = torch.Generator().manual_seed(seed * 7919 + step)
-            latents = encode_latents(vae, images)
+            latents = encode_latents(vae, images).to(unet.dtype)
             with torch.no_grad():
-                ids = tokenizer([s.caption() for s in scenes], padding="max_length", max_length=77, truncation=True,
-                                return_tensors="pt").input_ids
-                embeds = text_encoder(ids)[0]
-            noise = torch.randn(latents.shape, generator=gen)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(scenes),), generator=gen)
-            pred = unet(noise_scheduler.add_noise(latents, noise, t), t, embeds).sample
-            loss = F.mse_loss(pred, noise_scheduler.get_velocity(latents, noise, t))
+                cond = encode(pipe, captions, None, images.shape[-2], images.shape[-1])
+            noise = torch.randn(latents.shape, generator=gen).to(latents)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(captions),), generator=gen)
+            t = t.to(latents.device)
+            pred = unet(noise_scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=cond.embeds,
+                        added_cond_kwargs=cond.added).sample
+            target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
+                noise_scheduler.get_velocity(latents, noise, t)
+            loss = F.mse_loss(pred.float(), target.float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         return {name: layer.factors() for name, layer in wrapped.items()}
     finally:
         _unwrap(unet, wrapped)
+
+
+def _render_batch(scenes, rng: random.Random) -> tuple[torch.Tensor, list[str]]:
+    from studio.toyworld.render import image_to_tensor_array, render
+
+    images = np.stack([image_to_tensor_array(render(s, rng.randrange(1 << 30))) for s in scenes])
+    return torch.from_numpy(images), [s.caption() for s in scenes]
+
+
+class ImageFolder:
+    """A few images with their prompts: every .png/.jpg/.jpeg/.webp in a folder, its caption in a .txt
+    file of the same name (the kohya convention), else `caption`; resized and centre-cropped to `size`."""
+
+    SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+    def __init__(self, folder: Path, size: int, caption: str | None = None):
+        from studio.errors import StudioError
+
+        self.files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in self.SUFFIXES)
+        if not self.files:
+            raise StudioError(f"{folder} holds no images (.png, .jpg, .jpeg, .webp).")
+        missing = [p.name for p in self.files if not p.with_suffix(".txt").exists()]
+        if missing and caption is None:
+            raise StudioError(f"{missing[0]} in {folder} has no caption file ({Path(missing[0]).stem}.txt) and no "
+                              "default caption was given.")
+        self.size, self.caption = size, caption
+
+    def sample(self, rng: random.Random, n: int) -> tuple[torch.Tensor, list[str]]:
+        from PIL import Image, ImageOps
+
+        images, captions = [], []
+        for path in (rng.choice(self.files) for _ in range(n)):
+            image = ImageOps.fit(Image.open(path).convert("RGB"), (self.size, self.size), Image.Resampling.BICUBIC)
+            if rng.random() < 0.5:
+                image = ImageOps.mirror(image)
+            images.append(np.asarray(image, np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
+            text = path.with_suffix(".txt")
+            captions.append(text.read_text().strip() if text.exists() else self.caption)
+        return torch.from_numpy(np.stack(images)), captions
+
+
+def break_train_folders(pipe, role: str, main: ImageFolder, auxiliary: list[ImageFolder], out_path: Path,
+                        seed: int = 7, rank: int = 64, steps: int = 500, batch_size: int = 2,
+                        main_lr: float = 1e-4, aux_lr: float = 1e-5, progress: bool = True, command: str = "") -> Path:
+    """"Break" on a real model: the content adapter learns D on the content images (official lr 1e-4)
+    while B sees the auxiliary style sets (1e-5); the style adapter is the mirror image. Half of every
+    batch comes from the main images, half from one auxiliary set in turn."""
+    def batch_for_step(rng, step, n):
+        half = max(1, n // 2)
+        images, captions = main.sample(rng, half)
+        if auxiliary and n > half:
+            aux_images, aux_captions = auxiliary[step % len(auxiliary)].sample(rng, n - half)
+            images, captions = torch.cat([images, aux_images]), captions + aux_captions
+        return images, captions
+
+    lr_B, lr_D = (aux_lr, main_lr) if role == "content" else (main_lr, aux_lr)
+    trained = _train_plp(pipe, create_plp_adapter(pipe.unet, rank, seed), batch_for_step, lr_B, lr_D, steps,
+                         batch_size, seed + 1, f"b4m {role}", progress)
+    from studio.models import model_family
+
+    base = {"SD1.x": "sd_v1", "SD2.x": "sd_v2", "SDXL": "sdxl_base_v1-0"}.get(model_family(pipe), "shapes_world_v1")
+    return save_plp_adapter(out_path, trained, role, seed, {"ss_training_comment": command,
+                                                            "ss_base_model_version": base})
 
 
 def _scene_config(cfg: BreakConfig):
@@ -250,7 +319,7 @@ def break_train(pipe, cfg: BreakConfig, out_path: Path, progress: bool = True, c
 
     scene_cfg = _scene_config(cfg)
 
-    def scenes_for_step(rng, step, n):
+    def batch_for_step(rng, step, n):
         scenes = []
         for i in range(n):
             if i % 2 == 0:
@@ -260,10 +329,10 @@ def break_train(pipe, cfg: BreakConfig, out_path: Path, progress: bool = True, c
                 for obj in scene.objects:
                     obj.texture = BASE_TEXTURES[step % len(BASE_TEXTURES)]
                 scenes.append(scene)
-        return scenes
+        return _render_batch(scenes, rng)
 
     lr_B, lr_D = (cfg.aux_lr, cfg.main_lr) if cfg.role == "content" else (cfg.main_lr, cfg.aux_lr)
-    trained = _train_plp(pipe, create_plp_adapter(pipe.unet, cfg.rank, cfg.seed), scenes_for_step, lr_B, lr_D,
+    trained = _train_plp(pipe, create_plp_adapter(pipe.unet, cfg.rank, cfg.seed), batch_for_step, lr_B, lr_D,
                          cfg.steps, cfg.batch_size, cfg.data_seed, f"b4m {cfg.role}", progress)
     meta = {"modelspec.trigger_phrase": cfg.trigger, "ss_tag_frequency": json.dumps({"b4m": {cfg.trigger: cfg.steps}}),
             "ss_training_comment": command, "studio_b4m_config": json.dumps(asdict(cfg))}
@@ -278,10 +347,10 @@ def joint_finetune(pipe, fused: dict[str, PLPFactors], content: BreakConfig, sty
 
     content_cfg, style_cfg = _scene_config(content), _scene_config(style)
 
-    def scenes_for_step(rng, step, n):
-        return [lora_scene(rng, content_cfg if i % 2 == 0 else style_cfg) for i in range(n)]
+    def batch_for_step(rng, step, n):
+        return _render_batch([lora_scene(rng, content_cfg if i % 2 == 0 else style_cfg) for i in range(n)], rng)
 
-    return _train_plp(pipe, fused, scenes_for_step, lr, lr, steps, content.batch_size, content.data_seed + 1,
+    return _train_plp(pipe, fused, batch_for_step, lr, lr, steps, content.batch_size, content.data_seed + 1,
                       "b4m make", progress)
 
 

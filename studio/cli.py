@@ -255,22 +255,44 @@ def toyworld_evaluate_lora(lora: Path = typer.Argument(..., help="A shapes-world
 
 @b4m.command("break")
 def b4m_break(role: str = typer.Option(..., help="content or style."),
-              kind: str = typer.Option(..., help="What the images teach: concept (a shape) or style (a texture)."),
-              subject: str = typer.Option(..., help="The shape or texture (shapes world)."),
-              trigger: str = typer.Option(..., help="Its trigger word."),
-              out: Path = typer.Option(...), seed: int = typer.Option(7, help="Seed of the frozen halves: use the "
-                                                                              "same one for both adapters of a pair."),
-              steps: int = typer.Option(400), rank: int = typer.Option(8), model: Optional[str] = typer.Option(None)):
-    """Train a B4M content or style adapter on the bundled model (CPU, minutes)."""
-    from composers.b4m import BreakConfig, break_train
+              out: Path = typer.Option(...),
+              seed: int = typer.Option(7, help="Seed of the frozen halves: use the same one for both adapters of "
+                                               "a pair."),
+              images: Optional[Path] = typer.Option(None, help="A folder of a few images with .txt captions (real "
+                                                                "models; a GPU is advised)."),
+              aux_images: list[Path] = typer.Option([], help="Auxiliary sets (styles for a content adapter, "
+                                                             "contents for a style adapter); repeatable."),
+              caption: Optional[str] = typer.Option(None, help="Caption of images without a .txt file."),
+              size: Optional[int] = typer.Option(None, help="Training resolution (default: the model's)."),
+              kind: Optional[str] = typer.Option(None, help="Shapes world: concept (a shape) or style (a texture)."),
+              subject: Optional[str] = typer.Option(None, help="Shapes world: the shape or texture."),
+              trigger: Optional[str] = typer.Option(None, help="Shapes world: its trigger word."),
+              steps: int = typer.Option(400), rank: int = typer.Option(8),
+              model: Optional[str] = typer.Option(None)):
+    """Train a B4M content or style adapter: on a folder of images with their prompts, or on the shapes
+    world (the bundled model, CPU, minutes)."""
+    from composers.b4m import BreakConfig, ImageFolder, break_train, break_train_folders
+    from studio.generation import default_size
     from studio.models import load_base_model
 
-    if role not in ("content", "style") or kind not in ("concept", "style"):
-        fail("--role must be content or style, and --kind concept or style.")
-    command = (f"studio b4m break --role {role} --kind {kind} --subject {subject} --trigger {trigger} --out {out} "
-               f"--seed {seed} --steps {steps} --rank {rank}")
-    path = break_train(load_base_model(model), BreakConfig(role, kind, subject, trigger, seed=seed, rank=rank,
-                                                           steps=steps), out, command=command)
+    if role not in ("content", "style"):
+        fail("--role must be content or style.")
+    command = "studio b4m break " + " ".join(sys.argv[3:])
+    try:
+        pipe = load_base_model(model)
+        if images is not None:
+            resolution = size or default_size(pipe)
+            path = break_train_folders(pipe, role, ImageFolder(images, resolution, caption),
+                                       [ImageFolder(a, resolution, caption) for a in aux_images], out, seed=seed,
+                                       rank=rank, steps=steps, command=command)
+        elif kind in ("concept", "style") and subject and trigger:
+            path = break_train(pipe, BreakConfig(role, kind, subject, trigger, seed=seed, rank=rank, steps=steps),
+                               out, command=command)
+        else:
+            fail("Give --images (a folder of images with captions), or --kind, --subject and --trigger for the "
+                 "shapes world.")
+    except StudioError as exc:
+        fail(str(exc))
     typer.echo(f"wrote {path}")
 
 

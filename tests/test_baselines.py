@@ -214,3 +214,30 @@ def test_b4m_break_trains_only_the_learnable_halves_and_restores_the_unet(tiny_p
         assert torch.allclose(f.A, fresh[name].A) and torch.allclose(f.C, fresh[name].C)
     assert any(f.D.abs().sum() > 0 for f in factors.values())  # content learns D (and B at the aux rate)
     assert not any(isinstance(m, PLPLinear) for m in tiny_pipe.unet.modules())
+
+
+def test_b4m_break_on_a_folder_of_images_with_captions(tiny_pipe, tmp_path):
+    import random as _random
+
+    from composers.b4m import ImageFolder, break_train_folders, create_plp_adapter, read_plp_adapter
+    from studio.errors import StudioError
+    from studio.toyworld.render import random_scene, render
+
+    folder, aux = tmp_path / "content", tmp_path / "aux"
+    folder.mkdir()
+    aux.mkdir()
+    rng = _random.Random(0)
+    for i in range(3):
+        scene = random_scene(rng)
+        render(scene, i).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(scene.caption())
+        render(random_scene(rng), i).save(aux / f"{i}.jpg")
+    with pytest.raises(StudioError, match="no caption file"):
+        ImageFolder(aux, 64)
+    path = break_train_folders(tiny_pipe, "content", ImageFolder(folder, 64), [ImageFolder(aux, 64, "shapes")],
+                               tmp_path / "c.safetensors", seed=4, rank=2, steps=2, progress=False)
+    factors, meta = read_plp_adapter(path)
+    fresh = create_plp_adapter(tiny_pipe.unet, 2, 4)
+    assert meta["b4m_role"] == "content" and meta["ss_base_model_version"] == "shapes_world_v1"
+    assert all(torch.allclose(f.A, fresh[n].A) and torch.allclose(f.C, fresh[n].C) for n, f in factors.items())
+    assert any(f.D.abs().sum() > 0 for f in factors.values())
