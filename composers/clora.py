@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from attention.processors import composer_layers, install_processors
 from attention.store import AttentionStore
 from attention.tokens import token_indices
-from composers.base import Composer
+from composers.base import Composer, interleave_cfg, row_selectors
 from composers.regional import attach_gates, detach_gates
-from studio.engine import Conditioning, Session, classifier_free_guidance, unet_pass
+from studio.engine import Session, classifier_free_guidance, unet_pass
 from studio.errors import PresetError
 
 
@@ -71,14 +71,9 @@ class ClorComposer(Composer):
             return super().setup(session)
         styles = list(session.styles())
         n = len(concepts)
-        self.concepts = concepts
-        rows = 2 * (n + 1) if session.do_cfg else n + 1
         ctrl = session.controller
-        for k, name in enumerate(concepts, start=1):
-            selector = torch.zeros(rows)
-            selector[k] = 1.0
-            if session.do_cfg:
-                selector[n + 1 + k] = 1.0
+        # pass 0 (no LoRA) takes the first selector's rows; pass k is LoRA k alone on its own rows
+        for name, selector in zip(concepts, row_selectors(n + 1, session.do_cfg)[1:]):
             ctrl.adapter_batch_rows[name] = selector
         prompts = [session.prompt] + [session.adapters[c].prompt or session.prompt for c in concepts]
         negatives = [session.negative_prompt] + [
@@ -86,10 +81,7 @@ class ClorComposer(Composer):
             else session.negative_prompt for c in concepts]
         parts = [session.encode([prompts[0]], [negatives[0]], text_adapters=styles)]
         parts += [session.encode([p], [q], text_adapters=[c] + styles) for c, p, q in zip(concepts, prompts[1:], negatives[1:])]
-        if session.do_cfg:  # rows [uncond_0..uncond_N, cond_0..cond_N]
-            self.cond = Conditioning.cat([c.rows(slice(0, 1)) for c in parts] + [c.rows(slice(1, 2)) for c in parts])
-        else:
-            self.cond = Conditioning.cat(parts)
+        self.cond = interleave_cfg(parts, session.do_cfg)  # rows [uncond_0..uncond_N, cond_0..cond_N]
         self.n_rows = n + 1
         self.token_groups = self._token_groups(session, prompts)
         self._previous = install_processors(session.pipe.unet, ctrl)
