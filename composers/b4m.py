@@ -172,28 +172,21 @@ class BreakConfig:
 
 
 def _wrap(unet: nn.Module, factors: dict[str, PLPFactors]) -> dict[str, PLPLinear]:
+    from studio.lora.inject import replace_module
+
     wrapped = {}
     for name, f in factors.items():
-        parent, _, child = name.rpartition(".")
-        owner = unet.get_submodule(parent)
-        base = getattr(owner, child) if not child.isdigit() else owner[int(child)]
-        layer = PLPLinear(base, f).to(base.weight.device)
-        if child.isdigit():
-            owner[int(child)] = layer
-        else:
-            setattr(owner, child, layer)
-        wrapped[name] = layer
+        base = unet.get_submodule(name)
+        wrapped[name] = PLPLinear(base, f).to(base.weight.device)
+        replace_module(unet, name, wrapped[name])
     return wrapped
 
 
 def _unwrap(unet: nn.Module, wrapped: dict[str, PLPLinear]) -> None:
+    from studio.lora.inject import replace_module
+
     for name, layer in wrapped.items():
-        parent, _, child = name.rpartition(".")
-        owner = unet.get_submodule(parent)
-        if child.isdigit():
-            owner[int(child)] = layer.base
-        else:
-            setattr(owner, child, layer.base)
+        replace_module(unet, name, layer.base)
 
 
 def _train_plp(pipe, factors: dict[str, PLPFactors], batch_for_step, lr_B: float, lr_D: float, steps: int,

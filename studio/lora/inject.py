@@ -314,7 +314,7 @@ def _apply(plan: list[_Step], name: str, weight: float, file: str) -> None:
             layer = step.root.get_submodule(step.path)
             if not isinstance(layer, LoraLayer):
                 layer = LoraLayer(layer, step.layer_name)
-                _replace(step.root, step.path, layer)
+                replace_module(step.root, step.path, layer)
                 created.append(step)
             layer.add_adapter(name, step.fitted, weight)
             touched.append(layer)
@@ -322,14 +322,15 @@ def _apply(plan: list[_Step], name: str, weight: float, file: str) -> None:
         for layer in touched:
             layer.remove_adapter(name)
         for step in reversed(created):
-            _replace(step.root, step.path, step.root.get_submodule(step.path).base)
+            replace_module(step.root, step.path, step.root.get_submodule(step.path).base)
         if isinstance(exc, Exception) and not isinstance(exc, LoraError):
             raise LoraError(f"{file} could not be attached ({type(exc).__name__}: {exc}); the pipeline was left "
                             "unchanged.") from exc
         raise
 
 
-def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
+def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    """Put `new` at `path` inside `root` (ModuleList indices included)."""
     parent_path, _, child = path.rpartition(".")
     setattr(root.get_submodule(parent_path) if parent_path else root, child, new)
 
@@ -369,7 +370,7 @@ def detach_lora(pipe, adapter_name: str) -> None:
             layer.remove_adapter(adapter_name)
             if not layer.adapters:
                 component, _, path = layer.name.partition(".")
-                _replace(getattr(pipe, component), path, layer.base)
+                replace_module(getattr(pipe, component), path, layer.base)
     if not found:
         raise LoraError(f"No adapter named {adapter_name!r} is attached.")
 
