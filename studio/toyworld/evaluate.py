@@ -26,6 +26,12 @@ class EvalPrompt:
         return self.scene.caption()
 
 
+def scene_right(judge: Judge, image, scene: Scene) -> bool:
+    """The judge finds, in each object's slot, the named shape in the named colour."""
+    verdicts = judge.slots(image)
+    return all(verdicts[o.slot].matches(shape=o.shape, colour=o.colour) for o in scene.objects)
+
+
 def evaluation_prompts(n: int = 64, seed: int = 2024) -> list[EvalPrompt]:
     rng = random.Random(seed)
     prompts = []
@@ -52,8 +58,7 @@ def evaluate_model(pipe, judge: Judge | None = None, n: int = 64, steps: int = 2
         start = time.perf_counter()
         image = pipe(p.caption, num_inference_steps=steps, guidance_scale=guidance, generator=generator).images[0]
         elapsed.append(time.perf_counter() - start)
-        verdicts = judge.slots(image)
-        ok = all(verdicts[o.slot].matches(shape=o.shape, colour=o.colour) for o in p.scene.objects)
+        ok = scene_right(judge, image, p.scene)
         key = "single" if len(p.scene.objects) == 1 else "double"
         results[key].append(ok)
         if p.held_out:
@@ -99,8 +104,7 @@ def evaluate_lora(pipe, lora_path, judge: Judge | None = None, n: int = 32, step
         for i, p in enumerate(evaluation_prompts(n=16, seed=seed)):
             generator = torch.Generator().manual_seed(seed + 100 + i)
             image = pipe(p.caption, num_inference_steps=steps, guidance_scale=guidance, generator=generator).images[0]
-            verdicts = judge.slots(image)
-            ordinary_right.append(all(verdicts[o.slot].matches(shape=o.shape, colour=o.colour) for o in p.scene.objects))
+            ordinary_right.append(scene_right(judge, image, p.scene))
     finally:
         detach_lora(pipe, "evaluated")
     return {"lora": str(lora_path), "kind": cfg.kind, "subject": cfg.subject, "trigger": cfg.trigger,
