@@ -1,8 +1,6 @@
 """Attention maps recorded during a UNet call, keyed by layer name (never by call order)."""
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 
 
@@ -48,9 +46,3 @@ class AttentionStore:
         if not selected:
             raise KeyError("no self-attention maps stored")
         return torch.stack([m.mean(1) for m in selected]).mean(0)
-
-    def by_layer(self) -> dict[str, dict[str, torch.Tensor]]:
-        out: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-        for (layer, ctx), m in self.maps.items():
-            out[layer][ctx] = m
-        return dict(out)

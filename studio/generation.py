@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 from PIL import Image, PngImagePlugin
@@ -17,7 +17,6 @@ class GenerationSettings:
     seed: int = 0
     width: int | None = None
     height: int | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def default_size(pipe) -> int:
@@ -58,7 +57,3 @@ def png_info(parameters: str, preset: dict | None = None) -> PngImagePlugin.PngI
     if preset is not None:
         info.add_text("lora-studio", json.dumps(preset))
     return info
-
-
-def settings_dict(settings: GenerationSettings) -> dict:
-    return asdict(settings)
