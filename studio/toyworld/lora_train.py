@@ -128,7 +128,13 @@ def train_lora(pipe, cfg: LoraTrainConfig, out_path: Path, progress: bool = True
             shlex.quote(a) for a in sys.argv[3:]),
         "studio_train_config": json.dumps(asdict(cfg)),
     }
-    unet.delete_adapters(["default"])  # diffusers' name
-    if cfg.text_encoder:
-        text_encoder.delete_adapter("default")  # transformers' name
+    # back to the pipeline as it was: PEFT's wrapper modules out, not only the adapter's weights
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    for model in (unet, text_encoder):
+        recurse_remove_peft_layers(model)
+        if hasattr(model, "peft_config"):
+            del model.peft_config
+        if hasattr(model, "_hf_peft_config_loaded"):
+            model._hf_peft_config_loaded = False
     return save_kohya(out_path, modules, metadata)
