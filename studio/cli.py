@@ -317,6 +317,22 @@ def b4m_make(content: Path = typer.Argument(...), style: Path = typer.Argument(.
     typer.echo(f"wrote {out}")
 
 
+
+@b4m.command("evaluate")
+def b4m_evaluate(content: Path = typer.Argument(..., help="B4M content adapter (shapes world)."),
+                 style: Path = typer.Argument(..., help="B4M style adapter made with the same seed."),
+                 n: int = typer.Option(16), steps: int = typer.Option(20), guidance: float = typer.Option(5.0)):
+    """Score a shapes-world B4M pair with the judge: the content's shape in the style's texture, assembled,
+    against each adapter alone."""
+    from studio.models import load_base_model
+    from studio.toyworld.evaluate import evaluate_b4m
+
+    try:
+        report = evaluate_b4m(load_base_model(), content, style, n=n, steps=steps, guidance=guidance)
+    except StudioError as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(report, indent=1))
+
 def main() -> None:
     app()
 

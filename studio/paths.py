@@ -11,4 +11,5 @@ TOKENIZER = ASSETS / "clip_tokenizer"
 JUDGE = ASSETS / "judge" / "judge.safetensors"
 EXAMPLE_LORAS = ASSETS / "loras"
 EXAMPLE_PRESETS = ASSETS / "presets"
+EXAMPLE_B4M = ASSETS / "b4m"
 CACHE = Path(os.environ.get("LORA_STUDIO_CACHE", Path.home() / ".cache" / "lora-studio"))

@@ -47,7 +47,7 @@ class StudioState:
         from studio.lora import scan_library
 
         files = {}
-        for folder in (paths.EXAMPLE_LORAS, None):
+        for folder in (paths.EXAMPLE_LORAS, paths.EXAMPLE_B4M, None):
             if folder is not None and not Path(folder).exists():
                 continue
             for entry in scan_library(folder if folder is not None else self.library):
@@ -59,7 +59,7 @@ class StudioState:
         from studio.lora import scan_library
 
         rows = []
-        for folder in (paths.EXAMPLE_LORAS, self.library):
+        for folder in (paths.EXAMPLE_LORAS, paths.EXAMPLE_B4M, self.library):
             if folder is not None and not Path(folder).exists():
                 continue
             for entry in scan_library(folder):
@@ -68,6 +68,11 @@ class StudioState:
                              str(info.rank) if info else "—", ", ".join(info.trigger_words) if info else "",
                              "usable" if entry.usable else entry.error])
         return rows
+
+
+def example_presets() -> list[str]:
+    """The bundled presets (assets/presets), by name."""
+    return sorted(p.stem for p in paths.EXAMPLE_PRESETS.glob("*.json"))
 
 
 def layout_preview(size: int, slots: list[dict]) -> Image.Image:
@@ -165,6 +170,8 @@ def build_ui(state: StudioState) -> gr.Blocks:
                         run = gr.Button("Generate", variant="primary")
                         stop = gr.Button("Cancel")
                     with gr.Row():
+                        example = gr.Dropdown(example_presets(), value=None, label="Example presets",
+                                              elem_id="examples")
                         preset_in = gr.File(label="Open a preset (.json, or a PNG made here)", file_types=[".json", ".png"])
                         preset_out = gr.File(label="Preset of the last image")
                 with gr.Column(scale=2):
@@ -277,6 +284,8 @@ def build_ui(state: StudioState) -> gr.Blocks:
 
         preset_in.change(on_preset, preset_in, [prompt, negative, method, params, steps, guidance, seed, sampler]
                          + slot_inputs)
+        example.change(lambda name: on_preset(paths.EXAMPLE_PRESETS / f"{name}.json" if name else None), example,
+                       [prompt, negative, method, params, steps, guidance, seed, sampler] + slot_inputs)
 
         def on_assemble(content_label, style_label):
             from composers.b4m import assemble

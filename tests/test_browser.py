@@ -49,3 +49,20 @@ def test_a_designer_places_two_loras_and_generates(studio_url, tmp_path):
         # each concept's map (last step) and mask
         expect(page.locator("#maps img")).to_have_count(4, timeout=30_000)
         browser.close()
+
+
+def test_a_designer_opens_a_bundled_example_preset(studio_url):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.goto(studio_url)
+        expect(page.get_by_text("LoRA Studio").first).to_be_visible(timeout=60_000)
+        page.get_by_label("Example presets").click()
+        page.locator("li[role=option][aria-label='two-concepts']:visible").click()
+        prompt = "a large solid red sks on the left and a large solid blue ohwx on the right, white background"
+        expect(page.get_by_label("Prompt", exact=True)).to_have_value(prompt, timeout=30_000)
+        expect(page.get_by_label("Region prompt (default: the prompt)").nth(1)).to_have_value(
+            "a large solid blue ohwx on the right, white background")
+        browser.close()

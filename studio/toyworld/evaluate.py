@@ -110,3 +110,56 @@ def evaluate_lora(pipe, lora_path, judge: Judge | None = None, n: int = 32, step
     return {"lora": str(lora_path), "kind": cfg.kind, "subject": cfg.subject, "trigger": cfg.trigger,
             "taught_right": sum(right) / len(right), "ordinary_prompts_right_with_lora": sum(ordinary_right) / 16,
             "n": n, "weight": weight}
+
+
+def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: int = 16, steps: int = 20,
+                 guidance: float = 5.0, seed: int = 6072) -> dict:
+    """A B4M pair of the shapes world: prompts name the content's shape in the style's texture (both trigger
+    words). Each prompt is generated with the assembled adapter, with the content adapter alone and with the
+    style adapter alone; the judge scores the taught shape, the taught texture and the colour."""
+    import json as _json
+    from pathlib import Path
+
+    from composers.b4m import BreakConfig, assemble, read_plp_adapter
+    from studio.lora import load_lora
+    from studio.lora.inject import attach_lora, detach_lora
+    from studio.lora.weights import LoraModule, LoraWeights
+    from studio.toyworld.render import random_object
+
+    content_cfg, style_cfg = (BreakConfig(**_json.loads(read_plp_adapter(p)[1]["studio_b4m_config"]))
+                              for p in (content_path, style_path))
+    judge = judge or Judge.load()
+    rng = random.Random(seed)
+    scenes = []
+    for _ in range(n):
+        obj = random_object(rng, shapes=(content_cfg.subject,), textures=(style_cfg.subject,), allow_held_out=True)
+        scenes.append(Scene([obj], rng.choice(("white", "grey", "black")),
+                            triggers={content_cfg.subject: content_cfg.trigger, style_cfg.subject: style_cfg.trigger}))
+    fused = assemble(Path(content_path), Path(style_path))
+    info = load_lora(content_path).info
+    assembled = LoraWeights("b4m_assembled", info, {("unet", name): LoraModule("unet", name, f.down, f.up, None, None,
+                                                                              1.0) for name, f in fused.items()})
+    variants = {"assembled": assembled, "content_alone": load_lora(content_path), "style_alone": load_lora(style_path)}
+    report = {"content": f"{content_cfg.subject} ({content_cfg.trigger})",
+              "style": f"{style_cfg.subject} ({style_cfg.trigger})", "n": n}
+    for label, weights in variants.items():
+        attach_lora(pipe, weights, "b4m_evaluated")
+        try:
+            shape_right = texture_right = both_right = 0
+            for i, scene in enumerate(scenes):
+                generator = torch.Generator().manual_seed(seed + i)
+                image = pipe(scene.caption(), num_inference_steps=steps, guidance_scale=guidance,
+                             generator=generator).images[0]
+                obj = scene.objects[0]
+                verdict = judge.slots(image)[obj.slot]
+                shape_ok = verdict.shape == obj.shape and verdict.colour == obj.colour
+                texture_ok = verdict.texture == obj.texture and verdict.colour == obj.colour
+                shape_right += shape_ok
+                texture_right += texture_ok
+                both_right += shape_ok and texture_ok
+        finally:
+            detach_lora(pipe, "b4m_evaluated")
+        report[label] = {"shape_right": shape_right / n, "texture_right": texture_right / n,
+                         "content_in_style": both_right / n}
+    report["example_prompt"] = scenes[0].caption()
+    return report
