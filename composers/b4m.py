@@ -134,6 +134,14 @@ def assemble(content_path: Path, style_path: Path, out_path: Path | None = None)
     return fused
 
 
+def assembled_weights(fused: dict[str, PLPFactors], info):
+    """The assembled adapter as one ordinary LoRA (`LoraWeights`, scale 1) for `attach_lora`."""
+    from studio.lora.weights import LoraModule, LoraWeights
+
+    return LoraWeights("b4m_assembled", info, {("unet", n): LoraModule("unet", n, f.down, f.up, None, None, 1.0)
+                                               for n, f in fused.items()})
+
+
 # --- break: training one adapter ---------------------------------------------------------------------------
 class PLPLinear(nn.Module):
     """A Linear with a PLP adapter whose learnable halves are parameters (training only)."""
@@ -383,13 +391,10 @@ class B4MComposer(Composer):
     def _patch(self, session: Session, fused: dict[str, PLPFactors]) -> None:
         """The assembled adapter replaces the two: both set to weight 0, the fused one attached."""
         from studio.lora.inject import attach_lora, set_lora_weights
-        from studio.lora.weights import LoraModule, LoraWeights
 
         set_lora_weights(session.pipe, {name: 0.0 for name in session.adapters})
         first = session.loras[next(iter(session.adapters))]
-        modules = {("unet", n): LoraModule("unet", n, f.down, f.up, None, None, 1.0) for n, f in fused.items()}
-        attach_lora(session.pipe, LoraWeights("b4m_assembled", first.info, modules), "b4m_assembled",
-                    self.params.weight)
+        attach_lora(session.pipe, assembled_weights(fused, first.info), "b4m_assembled", self.params.weight)
 
     def teardown(self, session: Session) -> None:
         from studio.lora.inject import detach_lora, set_lora_weights

@@ -317,7 +317,6 @@ def b4m_make(content: Path = typer.Argument(...), style: Path = typer.Argument(.
     typer.echo(f"wrote {out}")
 
 
-
 @b4m.command("evaluate")
 def b4m_evaluate(content: Path = typer.Argument(..., help="B4M content adapter (shapes world)."),
                  style: Path = typer.Argument(..., help="B4M style adapter made with the same seed."),
@@ -332,6 +331,7 @@ def b4m_evaluate(content: Path = typer.Argument(..., help="B4M content adapter (
     except StudioError as exc:
         fail(str(exc))
     typer.echo(json.dumps(report, indent=1))
+
 
 def main() -> None:
     app()

@@ -42,31 +42,25 @@ class StudioState:
         self.lock = threading.Lock()
         self.cancel = threading.Event()
 
-    def lora_files(self) -> dict[str, str]:
-        """Label -> path of every usable LoRA: the bundled examples and the library folder."""
+    def library_entries(self):
+        """Every LoRA-like file on offer: the bundled examples (LoRAs and the B4M pair) and the library."""
         from studio.lora import scan_library
 
-        files = {}
-        for folder in (paths.EXAMPLE_LORAS, paths.EXAMPLE_B4M, None):
-            if folder is not None and not Path(folder).exists():
-                continue
-            for entry in scan_library(folder if folder is not None else self.library):
-                if entry.usable:
-                    files[f"{Path(entry.path).stem} ({entry.info.base_model})"] = str(entry.path)
-        return files
+        for folder in (paths.EXAMPLE_LORAS, paths.EXAMPLE_B4M, self.library):  # None = the default library
+            yield from scan_library(folder)
+
+    def lora_files(self) -> dict[str, str]:
+        """Label -> path of every usable LoRA."""
+        return {f"{Path(entry.path).stem} ({entry.info.base_model})": str(entry.path)
+                for entry in self.library_entries() if entry.usable}
 
     def library_rows(self) -> list[list[str]]:
-        from studio.lora import scan_library
-
         rows = []
-        for folder in (paths.EXAMPLE_LORAS, paths.EXAMPLE_B4M, self.library):
-            if folder is not None and not Path(folder).exists():
-                continue
-            for entry in scan_library(folder):
-                info = entry.info
-                rows.append([entry.name, info.format if info else "—", info.base_model if info else "—",
-                             str(info.rank) if info else "—", ", ".join(info.trigger_words) if info else "",
-                             "usable" if entry.usable else entry.error])
+        for entry in self.library_entries():
+            info = entry.info
+            rows.append([entry.name, info.format if info else "—", info.base_model if info else "—",
+                         str(info.rank) if info else "—", ", ".join(info.trigger_words) if info else "",
+                         "usable" if entry.usable else entry.error])
         return rows
 
 
