@@ -88,3 +88,11 @@ def test_b4m_evaluation_scores_the_pair_assembled_and_alone(shapes_pipe):
     assert "ohwx" in report["example_prompt"] and "rngd" in report["example_prompt"]
     for label in ("assembled", "content_alone", "style_alone"):
         assert set(report[label]) == {"shape_right", "texture_right", "content_in_style"}
+
+
+def test_b4m_evaluate_refuses_an_ordinary_lora_in_one_sentence():
+    result = runner.invoke(app, ["b4m", "evaluate", str(paths.EXAMPLE_LORAS / "crescent-sks.safetensors"),
+                                 str(paths.EXAMPLE_B4M / "ringed-style.safetensors")])
+    assert result.exit_code == 2
+    assert "crescent-sks.safetensors is not a shapes-world B4M adapter" in result.output
+    assert result.output.count("\n") == 1

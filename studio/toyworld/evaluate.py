@@ -120,14 +120,18 @@ def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: 
     import json as _json
     from pathlib import Path
 
-    from composers.b4m import BreakConfig, assemble, read_plp_adapter
+    from composers.b4m import BreakConfig, assemble, assembled_weights
+    from studio.errors import LoraError
     from studio.lora import load_lora
     from studio.lora.inject import attach_lora, detach_lora
-    from studio.lora.weights import LoraModule, LoraWeights
     from studio.toyworld.render import random_object
 
-    content_cfg, style_cfg = (BreakConfig(**_json.loads(read_plp_adapter(p)[1]["studio_b4m_config"]))
-                              for p in (content_path, style_path))
+    content, style = load_lora(content_path), load_lora(style_path)
+    for path, weights in ((content_path, content), (style_path, style)):
+        if "studio_b4m_config" not in weights.info.metadata:
+            raise LoraError(f"{Path(path).name} is not a shapes-world B4M adapter (made by `studio b4m break --kind "
+                            "... --subject ... --trigger ...`), so the judge cannot score it.")
+    content_cfg, style_cfg = (BreakConfig(**_json.loads(w.info.metadata["studio_b4m_config"])) for w in (content, style))
     judge = judge or Judge.load()
     rng = random.Random(seed)
     scenes = []
@@ -135,11 +139,8 @@ def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: 
         obj = random_object(rng, shapes=(content_cfg.subject,), textures=(style_cfg.subject,), allow_held_out=True)
         scenes.append(Scene([obj], rng.choice(("white", "grey", "black")),
                             triggers={content_cfg.subject: content_cfg.trigger, style_cfg.subject: style_cfg.trigger}))
-    fused = assemble(Path(content_path), Path(style_path))
-    info = load_lora(content_path).info
-    assembled = LoraWeights("b4m_assembled", info, {("unet", name): LoraModule("unet", name, f.down, f.up, None, None,
-                                                                              1.0) for name, f in fused.items()})
-    variants = {"assembled": assembled, "content_alone": load_lora(content_path), "style_alone": load_lora(style_path)}
+    variants = {"assembled": assembled_weights(assemble(Path(content_path), Path(style_path)), content.info),
+                "content_alone": content, "style_alone": style}
     report = {"content": f"{content_cfg.subject} ({content_cfg.trigger})",
               "style": f"{style_cfg.subject} ({style_cfg.trigger})", "n": n}
     for label, weights in variants.items():
