@@ -160,6 +160,9 @@ def toyworld_train(workdir: Path = typer.Option(DEFAULT_RUN, help="Checkpoints a
                                                                     "(e.g. assets/shapes-world)."),
                    max_minutes: Optional[float] = typer.Option(None, help="Stop (with a checkpoint) after this long."),
                    threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
+                   vae_thumbnail_weight: float = typer.Option(
+                       0.0, help="A new run's VAE: > 0 pulls its latents towards the 2× thumbnail of the image "
+                                 "(a pixel-like latent); 0 leaves them free. A resumed run keeps its own."),
                    init_from: Optional[Path] = typer.Option(None, help="Without a checkpoint in --workdir, continue "
                                                                        "from an exported model (e.g. "
                                                                        "assets/shapes-world).")):
@@ -171,8 +174,14 @@ def toyworld_train(workdir: Path = typer.Option(DEFAULT_RUN, help="Checkpoints a
 
     if threads:
         torch.set_num_threads(threads)
-    train_base(workdir, paths.TOKENIZER, BaseTrainConfig(seed=seed, steps=steps), export_dir=export,
-               max_minutes=max_minutes, init_from=init_from)
+    cfg = BaseTrainConfig(seed=seed, steps=steps, vae_thumbnail_weight=vae_thumbnail_weight)
+    recorded = workdir / "config.json"
+    if (workdir / "checkpoint.pt").exists() and recorded.exists():
+        kept = json.loads(recorded.read_text())
+        if (kept.get("seed", 0), kept.get("vae_thumbnail_weight", 0.0)) != (seed, vae_thumbnail_weight):
+            typer.echo(f"{workdir} already holds a run: it continues with its own recipe ({recorded}); "
+                       "--seed and --vae-thumbnail-weight apply to new runs only.")
+    train_base(workdir, paths.TOKENIZER, cfg, export_dir=export, max_minutes=max_minutes, init_from=init_from)
 
 
 @toyworld.command("export")

@@ -29,6 +29,46 @@ def test_training_continues_from_an_exported_model(tmp_path):
     assert len((tmp_path / "elsewhere" / "loss.log").read_text().splitlines()) == 1
 
 
+def test_a_resumed_run_keeps_the_recipe_it_started_with(tmp_path):
+    train_base(tmp_path, paths.TOKENIZER, BaseTrainConfig(steps=1, vae_thumbnail_weight=10.0, **TINY), progress=False)
+    train_base(tmp_path, paths.TOKENIZER, BaseTrainConfig(steps=2, **TINY), progress=False)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["vae_thumbnail_weight"] == 10.0 and config["steps"] == 2
+    del config["vae_thumbnail_weight"]  # a run started before the field existed had a free latent
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    train_base(tmp_path, paths.TOKENIZER, BaseTrainConfig(steps=3, vae_thumbnail_weight=10.0, **TINY), progress=False)
+    assert json.loads((tmp_path / "config.json").read_text())["vae_thumbnail_weight"] == 0.0
+
+    from typer.testing import CliRunner
+
+    from studio.cli import app
+
+    result = CliRunner().invoke(app, ["toyworld", "train", "--workdir", str(tmp_path), "--steps", "3",
+                                      "--vae-thumbnail-weight", "10"])
+    assert result.exit_code == 0, result.output
+    assert "continues with its own recipe" in result.output
+
+
+def test_thumbnail_vae_pulls_its_latents_towards_the_image_thumbnail(tmp_path):
+    import torch.nn.functional as F
+
+    from studio.toyworld import model as toymodel
+    from studio.toyworld.train import render_batch, train_vae
+
+    def distance_to_thumbnail(vae):
+        images, _ = render_batch(5, 0, 8)
+        with torch.no_grad():
+            means = vae.encode(images).latent_dist.mean
+        thumbnail = F.avg_pool2d(images, 2)
+        return float(F.mse_loss(means, torch.cat([thumbnail, torch.zeros_like(thumbnail[:, :1])], 1)))
+
+    torch.manual_seed(0)
+    before = distance_to_thumbnail(toymodel.build_vae())
+    cfg = BaseTrainConfig(vae_steps=40, vae_batch_size=4, vae_thumbnail_weight=10.0)
+    after = distance_to_thumbnail(train_vae(tmp_path, cfg, progress=False))
+    assert after < 0.25 * before
+
+
 def test_lora_trainer_writes_kohya_with_trigger_and_metadata(tiny_pipe, tmp_path):
     from studio.lora import inspect_lora, load_lora
     from studio.toyworld.lora_train import LoraTrainConfig, train_lora

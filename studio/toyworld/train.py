@@ -35,6 +35,10 @@ class BaseTrainConfig:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     checkpoint_every: int = 250
+    # > 0: the VAE's latent means are pulled towards the image's 2× average-pooled thumbnail (RGB, and 0
+    # in the fourth channel), so that the UNet denoises a pixel-like 32×32 image (as the probe of this
+    # world did in pixel space) and the decoder is a learnt 2× upsampler; 0: a free latent.
+    vae_thumbnail_weight: float = 0.0
 
 
 def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
@@ -95,8 +99,17 @@ def train_vae(workdir: Path, cfg: BaseTrainConfig, progress: bool = True, init_f
     for step in bar:
         images, _ = render_batch(cfg.seed + 7, step, cfg.vae_batch_size)
         posterior = vae.encode(images).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + 1e-6 * posterior.kl().mean()
+        if cfg.vae_thumbnail_weight > 0:
+            thumbnail = F.avg_pool2d(images, 2)
+            target = torch.cat([thumbnail, torch.zeros_like(thumbnail[:, :1])], dim=1)
+            # small noise on the means: the decoder must forgive a denoiser's small errors
+            latents = posterior.mean + 0.05 * torch.randn_like(posterior.mean)
+            recon = vae.decode(latents).sample
+            loss = (F.l1_loss(recon, images) + F.mse_loss(recon, images)
+                    + cfg.vae_thumbnail_weight * F.mse_loss(posterior.mean, target))
+        else:
+            recon = vae.decode(posterior.sample()).sample
+            loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -116,11 +129,24 @@ def train_vae(workdir: Path, cfg: BaseTrainConfig, progress: bool = True, init_f
     return vae
 
 
+def resumed_config(workdir: Path, cfg: BaseTrainConfig) -> BaseTrainConfig:
+    """A run that has a checkpoint keeps the recipe it was started with (only its length may change);
+    fields it predates take the value they had then (0.0 thumbnail weight: a free latent)."""
+    saved = workdir / "config.json"
+    if not (workdir / "checkpoint.pt").exists() or not saved.exists():
+        return cfg
+    recorded = json.loads(saved.read_text())
+    recorded.setdefault("vae_thumbnail_weight", 0.0)
+    recorded["steps"] = cfg.steps
+    return BaseTrainConfig(**recorded)
+
+
 def train_base(workdir: Path, tokenizer_dir: Path, cfg: BaseTrainConfig, export_dir: Path | None = None,
                progress: bool = True, max_minutes: float | None = None, init_from: Path | None = None):
     """Train, or continue: from the workdir's checkpoint, else (`init_from`) from an exported pipeline's
     weights and step count (the optimiser state starts afresh)."""
     workdir.mkdir(parents=True, exist_ok=True)
+    cfg = resumed_config(workdir, cfg)
     (workdir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     vae = train_vae(workdir, cfg, progress, init_from)
     tokenizer = toymodel.build_tokenizer(tokenizer_dir)
