@@ -39,6 +39,8 @@ def test_a_designer_places_two_loras_and_generates(studio_url, tmp_path):
             page.get_by_label("File").nth(index).click()
             page.locator(f"li[role=option][aria-label='{name} (shapes-world)']:visible").click()
             page.keyboard.press("Escape")
+            # the next dropdown must not open while this one's list is still closing (two "beta" options)
+            expect(page.locator("li[role=option]:visible")).to_have_count(0, timeout=10_000)
         expect(page.get_by_label("Trigger words (comma separated)").first).to_have_value("sks", timeout=30_000)
         page.get_by_role("button", name="Generate").click()
         expect(page.get_by_text("UNet passes per step")).to_be_visible(timeout=120_000)
