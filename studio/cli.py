@@ -170,17 +170,15 @@ def toyworld_train(workdir: Path = typer.Option(DEFAULT_RUN, help="Checkpoints a
     import torch
 
     from studio import paths
-    from studio.toyworld.train import BaseTrainConfig, train_base
+    from studio.toyworld.train import BaseTrainConfig, resumed_config, train_base
 
     if threads:
         torch.set_num_threads(threads)
     cfg = BaseTrainConfig(seed=seed, steps=steps, vae_thumbnail_weight=vae_thumbnail_weight)
-    recorded = workdir / "config.json"
-    if (workdir / "checkpoint.pt").exists() and recorded.exists():
-        kept = json.loads(recorded.read_text())
-        if (kept.get("seed", 0), kept.get("vae_thumbnail_weight", 0.0)) != (seed, vae_thumbnail_weight):
-            typer.echo(f"{workdir} already holds a run: it continues with its own recipe ({recorded}); "
-                       "--seed and --vae-thumbnail-weight apply to new runs only.")
+    kept = resumed_config(workdir, cfg)
+    if (kept.seed, kept.vae_thumbnail_weight) != (seed, vae_thumbnail_weight):
+        typer.echo(f"{workdir} already holds a run: it continues with its own recipe ({workdir / 'config.json'}); "
+                   "--seed and --vae-thumbnail-weight apply to new runs only.")
     train_base(workdir, paths.TOKENIZER, cfg, export_dir=export, max_minutes=max_minutes, init_from=init_from)
 
 

@@ -53,14 +53,13 @@ def test_thumbnail_vae_pulls_its_latents_towards_the_image_thumbnail(tmp_path):
     import torch.nn.functional as F
 
     from studio.toyworld import model as toymodel
-    from studio.toyworld.train import render_batch, train_vae
+    from studio.toyworld.train import render_batch, thumbnail_latent_target, train_vae
 
     def distance_to_thumbnail(vae):
         images, _ = render_batch(5, 0, 8)
         with torch.no_grad():
             means = vae.encode(images).latent_dist.mean
-        thumbnail = F.avg_pool2d(images, 2)
-        return float(F.mse_loss(means, torch.cat([thumbnail, torch.zeros_like(thumbnail[:, :1])], 1)))
+        return float(F.mse_loss(means, thumbnail_latent_target(images)))
 
     torch.manual_seed(0)
     before = distance_to_thumbnail(toymodel.build_vae())

@@ -6,9 +6,11 @@ in the named colour.
 """
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -78,14 +80,12 @@ def evaluate_lora(pipe, lora_path, judge: Judge | None = None, n: int = 32, step
     """A LoRA of train-lora used alone: one object (its shape, or a base shape in its texture) per prompt,
     with the trigger word; right when the judge finds the taught shape or texture in the right colour and slot.
     Also scores ordinary prompts with the LoRA attached, to show what it does to them."""
-    import json as _json
-
     from studio.lora import load_lora
     from studio.lora.inject import attach_lora, detach_lora
     from studio.toyworld.lora_train import LoraTrainConfig, lora_scene
 
     weights = load_lora(lora_path)
-    cfg = LoraTrainConfig(**_json.loads(weights.info.metadata["studio_train_config"]))
+    cfg = LoraTrainConfig(**json.loads(weights.info.metadata["studio_train_config"]))
     judge = judge or Judge.load()
     rng = random.Random(seed)
     attach_lora(pipe, weights, "evaluated", weight)
@@ -117,9 +117,6 @@ def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: 
     """A B4M pair of the shapes world: prompts name the content's shape in the style's texture (both trigger
     words). Each prompt is generated with the assembled adapter, with the content adapter alone and with the
     style adapter alone; the judge scores the taught shape, the taught texture and the colour."""
-    import json as _json
-    from pathlib import Path
-
     from composers.b4m import BreakConfig, assemble, assembled_weights
     from studio.errors import LoraError
     from studio.lora import load_lora
@@ -131,7 +128,7 @@ def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: 
         if "studio_b4m_config" not in weights.info.metadata:
             raise LoraError(f"{Path(path).name} is not a shapes-world B4M adapter (made by `studio b4m break --kind "
                             "... --subject ... --trigger ...`), so the judge cannot score it.")
-    content_cfg, style_cfg = (BreakConfig(**_json.loads(w.info.metadata["studio_b4m_config"])) for w in (content, style))
+    content_cfg, style_cfg = (BreakConfig(**json.loads(w.info.metadata["studio_b4m_config"])) for w in (content, style))
     judge = judge or Judge.load()
     rng = random.Random(seed)
     scenes = []
@@ -153,8 +150,8 @@ def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: 
                              generator=generator).images[0]
                 obj = scene.objects[0]
                 verdict = judge.slots(image)[obj.slot]
-                shape_ok = verdict.shape == obj.shape and verdict.colour == obj.colour
-                texture_ok = verdict.texture == obj.texture and verdict.colour == obj.colour
+                shape_ok = verdict.matches(shape=obj.shape, colour=obj.colour)
+                texture_ok = verdict.matches(texture=obj.texture, colour=obj.colour)
                 shape_right += shape_ok
                 texture_right += texture_ok
                 both_right += shape_ok and texture_ok

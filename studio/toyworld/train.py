@@ -49,6 +49,12 @@ def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
         return vae.encode(images).latent_dist.mean * vae.config.scaling_factor
 
 
+def thumbnail_latent_target(images: torch.Tensor) -> torch.Tensor:
+    """What a thumbnail VAE's latent means are pulled towards: the 2× average-pooled image, 0 in channel 4."""
+    thumbnail = F.avg_pool2d(images, 2)
+    return torch.cat([thumbnail, torch.zeros_like(thumbnail[:, :1])], dim=1)
+
+
 def render_batch(seed: int, step: int, batch_size: int, **scene_kwargs):
     rng = random.Random(seed * 1_000_003 + step)
     scenes = [random_scene(rng, **scene_kwargs) for _ in range(batch_size)]
@@ -100,8 +106,7 @@ def train_vae(workdir: Path, cfg: BaseTrainConfig, progress: bool = True, init_f
         images, _ = render_batch(cfg.seed + 7, step, cfg.vae_batch_size)
         posterior = vae.encode(images).latent_dist
         if cfg.vae_thumbnail_weight > 0:
-            thumbnail = F.avg_pool2d(images, 2)
-            target = torch.cat([thumbnail, torch.zeros_like(thumbnail[:, :1])], dim=1)
+            target = thumbnail_latent_target(images)
             # small noise on the means: the decoder must forgive a denoiser's small errors
             latents = posterior.mean + 0.05 * torch.randn_like(posterior.mean)
             recon = vae.decode(latents).sample
