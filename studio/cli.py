@@ -163,6 +163,15 @@ def toyworld_train(workdir: Path = typer.Option(DEFAULT_RUN, help="Checkpoints a
                    vae_thumbnail_weight: float = typer.Option(
                        0.0, help="A new run's VAE: > 0 pulls its latents towards the 2× thumbnail of the image "
                                  "(a pixel-like latent); 0 leaves them free. A resumed run keeps its own."),
+                   decay_steps: int = typer.Option(
+                       0, help="Decay the learning rate along a half cosine to 0 over the last N of --steps "
+                               "(0: constant). May be set when resuming a constant-rate run."),
+                   grounding_weight: float = typer.Option(
+                       0.0, help="Weight of the token-grounding loss (each object's words attend inside its box; "
+                                 "0: off)."),
+                   grounding_start: int = typer.Option(
+                       0, help="Step from which grounding applies; a resumed run may add grounding from its "
+                               "checkpoint's step on."),
                    init_from: Optional[Path] = typer.Option(None, help="Without a checkpoint in --workdir, continue "
                                                                        "from an exported model (e.g. "
                                                                        "assets/shapes-world).")):
@@ -174,21 +183,30 @@ def toyworld_train(workdir: Path = typer.Option(DEFAULT_RUN, help="Checkpoints a
 
     if threads:
         torch.set_num_threads(threads)
-    cfg = BaseTrainConfig(seed=seed, steps=steps, vae_thumbnail_weight=vae_thumbnail_weight)
+    cfg = BaseTrainConfig(seed=seed, steps=steps, vae_thumbnail_weight=vae_thumbnail_weight, decay_steps=decay_steps,
+                          grounding_weight=grounding_weight, grounding_start=grounding_start)
     kept = resumed_config(workdir, cfg)
     if (kept.seed, kept.vae_thumbnail_weight) != (seed, vae_thumbnail_weight):
         typer.echo(f"{workdir} already holds a run: it continues with its own recipe ({workdir / 'config.json'}); "
                    "--seed and --vae-thumbnail-weight apply to new runs only.")
+    if (kept.grounding_weight, kept.grounding_start) != (grounding_weight, grounding_start):
+        typer.echo(f"{workdir} continues with its own grounding (weight {kept.grounding_weight:g} from step "
+                   f"{kept.grounding_start}): a resumed run may add grounding only from its checkpoint's step on "
+                   "(--grounding-start).")
     train_base(workdir, paths.TOKENIZER, cfg, export_dir=export, max_minutes=max_minutes, init_from=init_from)
 
 
 @toyworld.command("export")
-def toyworld_export(workdir: Path = typer.Option(DEFAULT_RUN), out: Path = typer.Option(Path("assets/shapes-world"))):
-    """Export the EMA weights of the last checkpoint as a diffusers folder."""
+def toyworld_export(workdir: Path = typer.Option(DEFAULT_RUN), out: Path = typer.Option(Path("assets/shapes-world")),
+                    weights: str = typer.Option("ema", help="ema (the default) or raw: the optimiser's weights, "
+                                                            "which show a change of recipe before the EMA does.")):
+    """Export the EMA (or raw) weights of the last checkpoint as a diffusers folder."""
     from studio import paths
     from studio.toyworld.train import ema_pipeline, export
 
-    export(workdir, ema_pipeline(workdir, paths.TOKENIZER), out)
+    if weights not in ("ema", "raw"):
+        fail(f"--weights must be ema or raw, not {weights!r}.")
+    export(workdir, ema_pipeline(workdir, paths.TOKENIZER, weights=weights), out, weights)
     typer.echo(f"wrote {out}")
 
 

@@ -79,3 +79,18 @@ def test_evaluation_prompts_mix_single_double_and_held_out():
     assert sum(len(p.scene.objects) == 1 for p in prompts) == 32
     held = [p for p in prompts if p.held_out]
     assert len(held) == 32 and all((p.scene.objects[0].colour, p.scene.objects[0].shape) in HELD_OUT_PAIRS for p in held)
+
+
+def test_evaluation_counts_say_why_a_prompt_failed():
+    from studio.toyworld.evaluate import object_counts, scene_right_from_verdicts
+    from studio.toyworld.judge import NOTHING, Verdict
+    from studio.toyworld.render import Scene, ShapeObject
+
+    scene = Scene([ShapeObject("circle", "red", "solid", "large", cx=0.18, cy=0.5, radius=9.0)], "white")
+    verdicts = {"left": Verdict("square", "red", "solid", 0.9), "centre": Verdict(NOTHING, NOTHING, NOTHING, 1.0),
+                "right": Verdict("star", "blue", "solid", 0.9)}
+    assert object_counts(verdicts, scene) == {"named": 1, "drawn_in_slot": 1, "colour_right": 1, "shape_right": 0,
+                                              "unasked_objects": 1}
+    assert not scene_right_from_verdicts(verdicts, scene)
+    verdicts["left"] = Verdict("circle", "red", "striped", 0.9)
+    assert scene_right_from_verdicts(verdicts, scene)  # the bar asks for shape and colour, not texture

@@ -29,6 +29,27 @@ def test_training_continues_from_an_exported_model(tmp_path):
     assert len((tmp_path / "elsewhere" / "loss.log").read_text().splitlines()) == 1
 
 
+def test_export_writes_the_ema_or_the_raw_weights_and_says_which(tmp_path):
+    from diffusers import UNet2DConditionModel
+    from typer.testing import CliRunner
+
+    from studio.cli import app
+
+    train_base(tmp_path / "run", paths.TOKENIZER, BaseTrainConfig(steps=2, **TINY), progress=False)
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    for weights, key in (("raw", "unet"), ("ema", "ema_unet")):
+        result = CliRunner().invoke(app, ["toyworld", "export", "--workdir", str(tmp_path / "run"),
+                                          "--out", str(tmp_path / weights), "--weights", weights])
+        assert result.exit_code == 0, result.output
+        assert json.loads((tmp_path / weights / "training.json").read_text())["weights"] == weights
+        exported = UNet2DConditionModel.from_pretrained(str(tmp_path / weights), subfolder="unet").state_dict()
+        name = "conv_in.weight"
+        assert torch.equal(exported[name], checkpoint[key][name].half()), weights
+    result = CliRunner().invoke(app, ["toyworld", "export", "--workdir", str(tmp_path / "run"), "--out",
+                                      str(tmp_path / "x"), "--weights", "best"])
+    assert result.exit_code != 0 and "--weights must be ema or raw" in result.output
+
+
 def test_a_resumed_run_keeps_the_recipe_it_started_with(tmp_path):
     train_base(tmp_path, paths.TOKENIZER, BaseTrainConfig(steps=1, vae_thumbnail_weight=10.0, **TINY), progress=False)
     train_base(tmp_path, paths.TOKENIZER, BaseTrainConfig(steps=2, **TINY), progress=False)
@@ -47,6 +68,27 @@ def test_a_resumed_run_keeps_the_recipe_it_started_with(tmp_path):
                                       "--vae-thumbnail-weight", "10"])
     assert result.exit_code == 0, result.output
     assert "continues with its own recipe" in result.output
+
+
+def test_learning_rate_warms_up_holds_then_decays_to_zero_over_the_last_steps():
+    from studio.toyworld.train import learning_rate
+
+    cfg = BaseTrainConfig(lr=1e-3, warmup=10, steps=100, decay_steps=40)
+    rates = [learning_rate(cfg, step) for step in range(100)]
+    assert rates[0] == 1e-4 and rates[9] == rates[59] == 1e-3
+    assert all(a > b for a, b in zip(rates[60:], rates[61:])) and rates[99] < 1e-5
+    assert learning_rate(BaseTrainConfig(lr=1e-3, warmup=10, steps=100), 99) == 1e-3  # no decay: constant
+
+
+def test_a_decay_added_when_resuming_is_the_run_that_started_with_it(tmp_path):
+    straight = train_base(tmp_path / "a", paths.TOKENIZER, BaseTrainConfig(steps=4, decay_steps=2, **TINY),
+                          progress=False)
+    train_base(tmp_path / "b", paths.TOKENIZER, BaseTrainConfig(steps=2, **TINY), progress=False)
+    resumed = train_base(tmp_path / "b", paths.TOKENIZER, BaseTrainConfig(steps=4, decay_steps=2, **TINY),
+                         progress=False)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["decay_steps"] == 2
+    for (name, a), b in zip(straight.unet.state_dict().items(), resumed.unet.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_thumbnail_vae_pulls_its_latents_towards_the_image_thumbnail(tmp_path):

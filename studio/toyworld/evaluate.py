@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,22 @@ class EvalPrompt:
 
 def scene_right(judge: Judge, image, scene: Scene) -> bool:
     """The judge finds, in each object's slot, the named shape in the named colour."""
-    verdicts = judge.slots(image)
+    return scene_right_from_verdicts(judge.slots(image), scene)
+
+
+def scene_right_from_verdicts(verdicts: dict, scene: Scene) -> bool:
     return all(verdicts[o.slot].matches(shape=o.shape, colour=o.colour) for o in scene.objects)
+
+
+def object_counts(verdicts: dict, scene: Scene) -> dict[str, int]:
+    """Why prompts fail: of the named objects, how many have something in their slot, and of those how many
+    have the named colour and the named shape; and how many objects were drawn in slots the prompt left empty."""
+    named = {o.slot: o for o in scene.objects}
+    drawn = {slot for slot, v in verdicts.items() if v.shape != "nothing"}
+    return {"named": len(named), "drawn_in_slot": len(drawn & set(named)),
+            "colour_right": sum(verdicts[s].colour == named[s].colour for s in drawn & set(named)),
+            "shape_right": sum(verdicts[s].shape == named[s].shape for s in drawn & set(named)),
+            "unasked_objects": len(drawn - set(named))}
 
 
 def evaluation_prompts(n: int = 64, seed: int = 2024) -> list[EvalPrompt]:
@@ -55,12 +70,15 @@ def evaluate_model(pipe, judge: Judge | None = None, n: int = 64, steps: int = 2
     prompts = evaluation_prompts(n, seed)
     results = {"single": [], "double": [], "single_held_out": [], "double_held_out": []}
     elapsed = []
+    counts = Counter()
     for i, p in enumerate(prompts):
         generator = torch.Generator().manual_seed(seed + i)
         start = time.perf_counter()
         image = pipe(p.caption, num_inference_steps=steps, guidance_scale=guidance, generator=generator).images[0]
         elapsed.append(time.perf_counter() - start)
-        ok = scene_right(judge, image, p.scene)
+        verdicts = judge.slots(image)
+        ok = scene_right_from_verdicts(verdicts, p.scene)
+        counts.update(object_counts(verdicts, p.scene))
         key = "single" if len(p.scene.objects) == 1 else "double"
         results[key].append(ok)
         if p.held_out:
@@ -69,6 +87,7 @@ def evaluate_model(pipe, judge: Judge | None = None, n: int = 64, steps: int = 2
             image.save(images_out / f"{i:02d}-{'ok' if ok else 'no'}.png")
     report = {k: sum(v) / len(v) for k, v in results.items() if v}
     report["n_prompts"] = n
+    report["objects"] = dict(counts)
     report["seconds_per_image"] = sorted(elapsed)[len(elapsed) // 2]
     report["steps"] = steps
     report["guidance"] = guidance

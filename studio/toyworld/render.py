@@ -81,12 +81,17 @@ class Scene:
     background: str
     triggers: dict[str, str] = field(default_factory=dict)  # shape or texture name -> trigger word
 
-    def caption(self) -> str:
-        parts = []
+    def phrases(self) -> list[tuple[ShapeObject, str]]:
+        """Each object with the phrase that names it, in caption order (left to right)."""
+        out = []
         for obj in sorted(self.objects, key=lambda o: o.cx):
             noun = self.triggers.get(obj.shape, obj.shape)
             texture = self.triggers.get(obj.texture, TEXTURE_WORDS[obj.texture])
-            parts.append(f"a {obj.size} {texture} {obj.colour} {noun} {SLOT_PHRASE[obj.slot]}")
+            out.append((obj, f"a {obj.size} {texture} {obj.colour} {noun} {SLOT_PHRASE[obj.slot]}"))
+        return out
+
+    def caption(self) -> str:
+        parts = [phrase for _, phrase in self.phrases()]
         if len(parts) == 1:
             objects = parts[0]
         else:
