@@ -189,6 +189,9 @@ def toyworld_train(workdir: Path = typer.Option(DEFAULT_RUN, help="Checkpoints a
     if (kept.seed, kept.vae_thumbnail_weight) != (seed, vae_thumbnail_weight):
         typer.echo(f"{workdir} already holds a run: it continues with its own recipe ({workdir / 'config.json'}); "
                    "--seed and --vae-thumbnail-weight apply to new runs only.")
+    if (kept.steps, kept.decay_steps) != (steps, decay_steps):
+        typer.echo(f"{workdir} is already in its learning-rate decay: it ends at step {kept.steps} as recorded; "
+                   "to train on, export it and start a new run with --init-from.")
     if (kept.grounding_weight, kept.grounding_start) != (grounding_weight, grounding_start):
         typer.echo(f"{workdir} continues with its own grounding (weight {kept.grounding_weight:g} from step "
                    f"{kept.grounding_start}): a resumed run may add grounding only from its checkpoint's step on "

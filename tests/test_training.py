@@ -87,6 +87,9 @@ def test_a_decay_added_when_resuming_is_the_run_that_started_with_it(tmp_path):
     resumed = train_base(tmp_path / "b", paths.TOKENIZER, BaseTrainConfig(steps=4, decay_steps=2, **TINY),
                          progress=False)
     assert json.loads((tmp_path / "b" / "config.json").read_text())["decay_steps"] == 2
+    # once in its decay, a run is not lengthened (it would no longer be the run its recipe describes)
+    train_base(tmp_path / "b", paths.TOKENIZER, BaseTrainConfig(steps=6, decay_steps=2, **TINY), progress=False)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["steps"] == 4
     for (name, a), b in zip(straight.unet.state_dict().items(), resumed.unet.state_dict().values()):
         assert torch.equal(a, b), name
 

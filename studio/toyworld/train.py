@@ -162,7 +162,7 @@ def train_vae(workdir: Path, cfg: BaseTrainConfig, progress: bool = True, init_f
 
 def resumed_config(workdir: Path, cfg: BaseTrainConfig) -> BaseTrainConfig:
     """A run that has a checkpoint keeps the recipe it was started with (only its length and the length of its
-    final decay may change, and grounding may be added from the checkpoint's step on); fields it predates take the
+    final decay may change, until the decay has begun; grounding may be added from the checkpoint's step on); fields it predates take the
     value they had then (0.0 thumbnail weight: a free latent; no grounding)."""
     saved = workdir / "config.json"
     if not (workdir / "checkpoint.pt").exists() or not saved.exists():
@@ -171,7 +171,11 @@ def resumed_config(workdir: Path, cfg: BaseTrainConfig) -> BaseTrainConfig:
     recorded.setdefault("vae_thumbnail_weight", 0.0)
     recorded.setdefault("grounding_weight", 0.0)
     recorded.setdefault("grounding_start", 0)
-    recorded["steps"], recorded["decay_steps"] = cfg.steps, cfg.decay_steps
+    recorded.setdefault("decay_steps", 0)
+    decaying_since = recorded["steps"] - recorded["decay_steps"]
+    if not (recorded["decay_steps"] > 0 and checkpoint_step(workdir) > decaying_since):
+        # a run already in its decay keeps its length: lengthened, it would not be the run its recipe describes
+        recorded["steps"], recorded["decay_steps"] = cfg.steps, cfg.decay_steps
     asked, kept = (cfg.grounding_weight, cfg.grounding_start), (recorded["grounding_weight"], recorded["grounding_start"])
     if asked != kept:
         step = checkpoint_step(workdir)
