@@ -205,11 +205,11 @@ def toyworld_export(workdir: Path = typer.Option(DEFAULT_RUN), out: Path = typer
                                                             "which show a change of recipe before the EMA does.")):
     """Export the EMA (or raw) weights of the last checkpoint as a diffusers folder."""
     from studio import paths
-    from studio.toyworld.train import ema_pipeline, export
+    from studio.toyworld.train import CHECKPOINT_WEIGHTS, checkpoint_pipeline, export
 
-    if weights not in ("ema", "raw"):
-        fail(f"--weights must be ema or raw, not {weights!r}.")
-    export(workdir, ema_pipeline(workdir, paths.TOKENIZER, weights=weights), out, weights)
+    if weights not in CHECKPOINT_WEIGHTS:
+        fail(f"--weights must be {' or '.join(CHECKPOINT_WEIGHTS)}, not {weights!r}.")
+    export(workdir, checkpoint_pipeline(workdir, paths.TOKENIZER, weights=weights), out, weights)
     typer.echo(f"wrote {out}")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from studio.toyworld.judge import Judge
+from studio.toyworld.judge import NOTHING, Judge
 from studio.toyworld.render import BASE_SHAPES, BASE_TEXTURES, COLOUR_NAMES, HELD_OUT_PAIRS, Scene, random_scene
 
 
@@ -42,11 +42,12 @@ def object_counts(verdicts: dict, scene: Scene) -> dict[str, int]:
     """Why prompts fail: of the named objects, how many have something in their slot, and of those how many
     have the named colour and the named shape; and how many objects were drawn in slots the prompt left empty."""
     named = {o.slot: o for o in scene.objects}
-    drawn = {slot for slot, v in verdicts.items() if v.shape != "nothing"}
-    return {"named": len(named), "drawn_in_slot": len(drawn & set(named)),
-            "colour_right": sum(verdicts[s].colour == named[s].colour for s in drawn & set(named)),
-            "shape_right": sum(verdicts[s].shape == named[s].shape for s in drawn & set(named)),
-            "unasked_objects": len(drawn - set(named))}
+    drawn = {slot for slot, v in verdicts.items() if v.shape != NOTHING}
+    in_slot = drawn & named.keys()
+    return {"named": len(named), "drawn_in_slot": len(in_slot),
+            "colour_right": sum(verdicts[s].colour == named[s].colour for s in in_slot),
+            "shape_right": sum(verdicts[s].shape == named[s].shape for s in in_slot),
+            "unasked_objects": len(drawn - named.keys())}
 
 
 def evaluation_prompts(n: int = 64, seed: int = 2024) -> list[EvalPrompt]:

@@ -172,13 +172,13 @@ def resumed_config(workdir: Path, cfg: BaseTrainConfig) -> BaseTrainConfig:
     recorded.setdefault("grounding_weight", 0.0)
     recorded.setdefault("grounding_start", 0)
     recorded.setdefault("decay_steps", 0)
+    step = checkpoint_step(workdir)
     decaying_since = recorded["steps"] - recorded["decay_steps"]
-    if not (recorded["decay_steps"] > 0 and checkpoint_step(workdir) > decaying_since):
+    if not (recorded["decay_steps"] > 0 and step > decaying_since):
         # a run already in its decay keeps its length: lengthened, it would not be the run its recipe describes
         recorded["steps"], recorded["decay_steps"] = cfg.steps, cfg.decay_steps
     asked, kept = (cfg.grounding_weight, cfg.grounding_start), (recorded["grounding_weight"], recorded["grounding_start"])
     if asked != kept:
-        step = checkpoint_step(workdir)
         grounded_already = kept[0] > 0 and kept[1] < step
         if not grounded_already and (asked[0] == 0 or asked[1] >= step):
             recorded["grounding_weight"], recorded["grounding_start"] = asked
@@ -281,10 +281,13 @@ def train_base(workdir: Path, tokenizer_dir: Path, cfg: BaseTrainConfig, export_
     else:
         checkpoint(cfg.steps)
     log.close()
-    pipe = ema_pipeline(workdir, tokenizer_dir, vae)
+    pipe = checkpoint_pipeline(workdir, tokenizer_dir, vae)
     if export_dir is not None:
         export(workdir, pipe, export_dir)
     return pipe
+
+
+CHECKPOINT_WEIGHTS = ("ema", "raw")
 
 
 def export(workdir: Path, pipe, out_dir: Path, weights: str = "ema") -> None:
@@ -298,11 +301,11 @@ def export(workdir: Path, pipe, out_dir: Path, weights: str = "ema") -> None:
     (Path(out_dir) / "training.json").write_text(json.dumps(record, indent=1))
 
 
-def ema_pipeline(workdir: Path, tokenizer_dir: Path, vae=None, weights: str = "ema"):
+def checkpoint_pipeline(workdir: Path, tokenizer_dir: Path, vae=None, weights: str = "ema"):
     """The pipeline with the EMA weights of the last checkpoint, or (`weights="raw"`) the optimiser's own: the EMA
     (decay 0.999) still holds about the last 1,000 steps, too slow to show a change of recipe made since."""
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"weights must be 'ema' or 'raw', not {weights!r}")
+    if weights not in CHECKPOINT_WEIGHTS:
+        raise ValueError(f"weights must be one of {CHECKPOINT_WEIGHTS}, not {weights!r}")
     vae = vae if vae is not None else train_vae(workdir, BaseTrainConfig(), progress=False)
     ckpt = torch.load(workdir / "checkpoint.pt", weights_only=True)
     unet, text_encoder = toymodel.build_unet(), toymodel.build_text_encoder()
