@@ -27,6 +27,8 @@ def test_training_continues_from_an_exported_model(tmp_path):
                init_from=tmp_path / "exported")
     assert torch.load(tmp_path / "elsewhere" / "checkpoint.pt", weights_only=True)["step"] == 3
     assert len((tmp_path / "elsewhere" / "loss.log").read_text().splitlines()) == 1
+    # its fresh optimiser warms up again from the exported model's step, and a resumed run remembers that
+    assert json.loads((tmp_path / "elsewhere" / "config.json").read_text())["warmup_start"] == 2
 
 
 def test_export_writes_the_ema_or_the_raw_weights_and_says_which(tmp_path):
@@ -78,6 +80,8 @@ def test_learning_rate_warms_up_holds_then_decays_to_zero_over_the_last_steps():
     assert rates[0] == 1e-4 and rates[9] == rates[59] == 1e-3
     assert all(a > b for a, b in zip(rates[60:], rates[61:])) and rates[99] < 1e-5
     assert learning_rate(BaseTrainConfig(lr=1e-3, warmup=10, steps=100), 99) == 1e-3  # no decay: constant
+    continued = BaseTrainConfig(lr=1e-3, warmup=10, steps=200, warmup_start=100)
+    assert learning_rate(continued, 100) == 1e-4 and learning_rate(continued, 109) == 1e-3
 
 
 def test_a_decay_added_when_resuming_is_the_run_that_started_with_it(tmp_path):

@@ -10,7 +10,7 @@ import copy
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +51,14 @@ class BaseTrainConfig:
     # on (so it may be added to a run that has a checkpoint: the steps before are those of a run without it).
     grounding_weight: float = 0.0
     grounding_start: int = 0
+    # The step the optimiser state started at (a run continued `--init-from` an exported model starts a fresh
+    # AdamW there, whose first updates are as large as the learning rate in every weight: it warms up again).
+    warmup_start: int = 0
 
 
 def learning_rate(cfg: BaseTrainConfig, step: int) -> float:
     """Linear warm-up, constant, then (with `decay_steps`) a half-cosine to 0 at `cfg.steps`."""
-    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+    lr = cfg.lr * min(1.0, (step - cfg.warmup_start + 1) / cfg.warmup)
     decay_start = cfg.steps - cfg.decay_steps
     if cfg.decay_steps > 0 and step >= decay_start:
         lr *= 0.5 * (1 + np.cos(np.pi * (step - decay_start) / cfg.decay_steps))
@@ -172,6 +175,7 @@ def resumed_config(workdir: Path, cfg: BaseTrainConfig) -> BaseTrainConfig:
     recorded.setdefault("grounding_weight", 0.0)
     recorded.setdefault("grounding_start", 0)
     recorded.setdefault("decay_steps", 0)
+    recorded.setdefault("warmup_start", 0)
     step = checkpoint_step(workdir)
     decaying_since = recorded["steps"] - recorded["decay_steps"]
     if not (recorded["decay_steps"] > 0 and step > decaying_since):
@@ -221,6 +225,8 @@ def train_base(workdir: Path, tokenizer_dir: Path, cfg: BaseTrainConfig, export_
         unet.float(), text_encoder.float()
         ema_unet, ema_text = EMA(unet, cfg.ema_decay), EMA(text_encoder, cfg.ema_decay)
         start = json.loads((Path(init_from) / "training.json").read_text())["steps"]
+        cfg = replace(cfg, warmup_start=start)
+        (workdir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     noise_scheduler = toymodel.train_scheduler()
     store = None
     if cfg.grounding_weight > 0:
