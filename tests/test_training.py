@@ -29,6 +29,10 @@ def test_training_continues_from_an_exported_model(tmp_path):
     assert len((tmp_path / "elsewhere" / "loss.log").read_text().splitlines()) == 1
     # its fresh optimiser warms up again from the exported model's step, and a resumed run remembers that
     assert json.loads((tmp_path / "elsewhere" / "config.json").read_text())["warmup_start"] == 2
+    # and an export of the continued run says what it was continued from
+    export(tmp_path / "elsewhere", pipe, tmp_path / "exported-again")
+    again = json.loads((tmp_path / "exported-again" / "training.json").read_text())
+    assert again["steps"] == 3 and again["continued_from"] == record and again["vae"] == record["vae"]
 
 
 def test_export_writes_the_ema_or_the_raw_weights_and_says_which(tmp_path):

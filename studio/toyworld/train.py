@@ -126,6 +126,9 @@ def train_vae(workdir: Path, cfg: BaseTrainConfig, progress: bool = True, init_f
     if init_from is not None:
         vae = AutoencoderKL.from_pretrained(str(init_from), subfolder="vae", dtype=torch.float32)
         vae.save_pretrained(str(done))
+        report = json.loads((Path(init_from) / "training.json").read_text()).get("vae")
+        if report is not None:
+            (workdir / "vae_report.json").write_text(json.dumps(report))
         return vae.eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
     vae = toymodel.build_vae()
@@ -224,7 +227,10 @@ def train_base(workdir: Path, tokenizer_dir: Path, cfg: BaseTrainConfig, export_
         text_encoder.load_state_dict(CLIPTextModel.from_pretrained(str(init_from), subfolder="text_encoder").state_dict())
         unet.float(), text_encoder.float()
         ema_unet, ema_text = EMA(unet, cfg.ema_decay), EMA(text_encoder, cfg.ema_decay)
-        start = json.loads((Path(init_from) / "training.json").read_text())["steps"]
+        origin = json.loads((Path(init_from) / "training.json").read_text())
+        start = origin["steps"]
+        # how the weights it starts from were made: an exported model of this run then names its whole lineage
+        (workdir / "continued_from.json").write_text(json.dumps(origin, indent=1))
         cfg = replace(cfg, warmup_start=start)
         (workdir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     noise_scheduler = toymodel.train_scheduler()
@@ -304,6 +310,8 @@ def export(workdir: Path, pipe, out_dir: Path, weights: str = "ema") -> None:
     record = {"steps": ckpt_step, "weights": weights, "config": json.loads((workdir / "config.json").read_text()),
               "command": "studio toyworld train", "vae": json.loads((workdir / "vae_report.json").read_text())
               if (workdir / "vae_report.json").exists() else None}
+    if (workdir / "continued_from.json").exists():
+        record["continued_from"] = json.loads((workdir / "continued_from.json").read_text())
     (Path(out_dir) / "training.json").write_text(json.dumps(record, indent=1))
 
 
