@@ -174,7 +174,10 @@ def toyworld_train(workdir: Path = typer.Option(DEFAULT_RUN, help="Checkpoints a
                                "checkpoint's step on."),
                    init_from: Optional[Path] = typer.Option(None, help="Without a checkpoint in --workdir, continue "
                                                                        "from an exported model (e.g. "
-                                                                       "assets/shapes-world).")):
+                                                                       "assets/shapes-world)."),
+                   warm_start: Optional[Path] = typer.Option(
+                       None, help="A new run (its own VAE, from step 0) whose UNet and text encoder start from an "
+                                  "exported model's weights (e.g. assets/shapes-world) instead of random ones.")):
     """Train the bundled default model (VAE, then UNet + text encoder): seeded and resumable."""
     import torch
 
@@ -196,7 +199,11 @@ def toyworld_train(workdir: Path = typer.Option(DEFAULT_RUN, help="Checkpoints a
         typer.echo(f"{workdir} continues with its own grounding (weight {kept.grounding_weight:g} from step "
                    f"{kept.grounding_start}): a resumed run may add grounding only from its checkpoint's step on "
                    "(--grounding-start).")
-    train_base(workdir, paths.TOKENIZER, cfg, export_dir=export, max_minutes=max_minutes, init_from=init_from)
+    if init_from is not None and warm_start is not None:
+        fail("--init-from continues a model with its own VAE and --warm-start begins a new run with a new VAE: "
+             "give one of them.")
+    train_base(workdir, paths.TOKENIZER, cfg, export_dir=export, max_minutes=max_minutes, init_from=init_from,
+               warm_start=warm_start)
 
 
 @toyworld.command("export")
@@ -239,6 +246,27 @@ def toyworld_evaluate(model: Optional[str] = typer.Option(None, help="Default: t
     if images:
         images.mkdir(parents=True, exist_ok=True)
     typer.echo(json.dumps(evaluate_model(pipe, n=n, steps=steps, guidance=guidance, images_out=images), indent=1))
+
+
+@toyworld.command("evaluate-vae")
+def toyworld_evaluate_vae(model: Optional[Path] = typer.Option(None, help="A shapes-world pipeline folder, or a VAE "
+                                                                    "folder (a run's `vae/`). Default: the bundled model."),
+                          n: int = typer.Option(64)):
+    """The ceiling a model's VAE sets: the evaluation prompts' renders, encoded and decoded, scored by the judge."""
+    from diffusers import AutoencoderKL
+
+    from studio import paths
+    from studio.toyworld.evaluate import evaluate_vae
+
+    folder = Path(model) if model else Path(paths.DEFAULT_MODEL)
+    if (folder / "vae" / "config.json").exists():
+        folder = folder / "vae"
+    if not (folder / "config.json").exists():
+        fail(f"{folder} holds no VAE: give a shapes-world pipeline folder or a VAE folder (with config.json).")
+    import torch
+
+    vae = AutoencoderKL.from_pretrained(str(folder), dtype=torch.float32).eval()
+    typer.echo(json.dumps(evaluate_vae(vae, n=n), indent=1))
 
 
 @toyworld.command("train-lora")

@@ -1,9 +1,11 @@
 """The shapes world: renderer, captions, boxes, the judge and the evaluation prompts."""
 import json
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from studio import paths
 from studio.toyworld.render import (BASE_SHAPES, BASE_TEXTURES, HELD_OUT_PAIRS, IMAGE_SIZE, SLOT_PHRASE, render,
@@ -94,3 +96,46 @@ def test_evaluation_counts_say_why_a_prompt_failed():
     assert not scene_right_from_verdicts(verdicts, scene)
     verdicts["left"] = Verdict("circle", "red", "striped", 0.9)
     assert scene_right_from_verdicts(verdicts, scene)  # the bar asks for shape and colour, not texture
+
+
+class _PixelAutoencoder:
+    """A stand-in VAE whose latent is the image: `transform` is what its decoder does to it."""
+
+    dtype = torch.float32
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def encode(self, pixels):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=pixels))
+
+    def decode(self, latents):
+        return SimpleNamespace(sample=self.transform(latents))
+
+
+def test_the_vae_ceiling_scores_round_trips_of_the_evaluation_renders():
+    from studio.toyworld.evaluate import evaluate_vae
+
+    perfect = evaluate_vae(_PixelAutoencoder(lambda x: x), n=8)
+    assert perfect["single"] == perfect["double"] == 1.0 == perfect["single_renders"]
+    assert perfect["recon_mae_0_255"] == 0.0
+    # a decoder that gives every colour back as another (RGB -> GBR: red as blue, blue as green, ...)
+    swapped = evaluate_vae(_PixelAutoencoder(lambda x: x[:, [1, 2, 0]]), n=8)
+    assert swapped["single"] == swapped["double"] == 0.0 and swapped["single_renders"] == 1.0
+    assert swapped["objects"]["colour_right"] == 0 and swapped["recon_mae_0_255"] > 1
+    assert swapped["colours"]["blue as green"] >= 1
+
+
+def test_evaluate_vae_command_reads_a_pipeline_or_a_vae_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from studio import paths
+    from studio.cli import app
+
+    for folder in (paths.DEFAULT_MODEL, paths.DEFAULT_MODEL / "vae"):
+        result = CliRunner().invoke(app, ["toyworld", "evaluate-vae", "--model", str(folder), "--n", "4"])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["n_prompts"] == 4 and report["single_renders"] == 1.0
+    result = CliRunner().invoke(app, ["toyworld", "evaluate-vae", "--model", str(tmp_path)])
+    assert result.exit_code != 0 and "holds no VAE" in result.output

@@ -1,6 +1,8 @@
 """`studio toyworld train` is seeded and resumable; the LoRA trainer writes kohya files with metadata."""
 import json
+from dataclasses import replace
 
+import pytest
 import torch
 
 from studio import paths
@@ -33,6 +35,34 @@ def test_training_continues_from_an_exported_model(tmp_path):
     export(tmp_path / "elsewhere", pipe, tmp_path / "exported-again")
     again = json.loads((tmp_path / "exported-again" / "training.json").read_text())
     assert again["steps"] == 3 and again["continued_from"] == record and again["vae"] == record["vae"]
+
+
+def test_a_warm_started_run_trains_its_own_vae_from_step_0_on_an_exported_models_weights(tmp_path):
+    from studio.toyworld import model as toymodel
+    from studio.toyworld.train import load_exported_weights
+
+    pipe = train_base(tmp_path / "a", paths.TOKENIZER, BaseTrainConfig(steps=2, **TINY), progress=False)
+    export(tmp_path / "a", pipe, tmp_path / "exported")
+    record = json.loads((tmp_path / "exported" / "training.json").read_text())
+    cfg = BaseTrainConfig(steps=1, vae_thumbnail_weight=10.0, **TINY)
+    new = train_base(tmp_path / "b", paths.TOKENIZER, replace(cfg, lr=0.0), progress=False,
+                     warm_start=tmp_path / "exported")
+    assert len((tmp_path / "b" / "loss.log").read_text().splitlines()) == 1  # step 0 only
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 1
+    # its own VAE (a thumbnail one here), not the exported model's
+    assert json.loads((tmp_path / "b" / "vae_report.json").read_text()) != record["vae"]
+    # with a learning rate of 0 its weights are the exported ones, as fp16 stored them
+    unet, text_encoder = toymodel.build_unet(), toymodel.build_text_encoder()
+    load_exported_weights(tmp_path / "exported", unet, text_encoder)
+    trained = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    for name, weight in unet.state_dict().items():
+        assert torch.equal(weight, trained["unet"][name]), name
+    assert not torch.equal(unet.conv_in.weight, toymodel.build_unet().conv_in.weight)
+    export(tmp_path / "b", new, tmp_path / "exported-b")
+    assert json.loads((tmp_path / "exported-b" / "training.json").read_text())["warm_started_from"] == record
+    with pytest.raises(ValueError, match="give one of them"):
+        train_base(tmp_path / "c", paths.TOKENIZER, cfg, progress=False, init_from=tmp_path / "exported",
+                   warm_start=tmp_path / "exported")
 
 
 def test_export_writes_the_ema_or_the_raw_weights_and_says_which(tmp_path):

@@ -95,6 +95,45 @@ def evaluate_model(pipe, judge: Judge | None = None, n: int = 64, steps: int = 2
     return report
 
 
+def evaluate_vae(vae, judge: Judge | None = None, n: int = 64, seed: int = 2024) -> dict:
+    """The ceiling the VAE sets: the evaluation prompts' own renders, encoded (posterior mean) and decoded, scored
+    by the judge as `evaluate_model` scores generated images (no diffusion model can draw what its decoder cannot
+    give back). Also the renders themselves, unencoded, and the decoded images' mean absolute error."""
+    from studio.toyworld.render import image_to_tensor_array, render
+
+    judge = judge or Judge.load()
+    results = {"single": [], "double": [], "single_renders": [], "double_renders": []}
+    counts, colours = Counter(), Counter()
+    errors = []
+    for i, p in enumerate(evaluation_prompts(n, seed)):
+        image = render(p.scene, seed + i)
+        pixels = torch.from_numpy(image_to_tensor_array(image))[None]
+        with torch.no_grad():
+            decoded = vae.decode(vae.encode(pixels.to(vae.dtype)).latent_dist.mean).sample.float().clamp(-1, 1)
+        errors.append(float((decoded - pixels).abs().mean() * 127.5))
+        decoded_image = tensor_to_image(decoded[0])
+        key = "single" if len(p.scene.objects) == 1 else "double"
+        verdicts = judge.slots(decoded_image)
+        results[key].append(scene_right_from_verdicts(verdicts, p.scene))
+        results[key + "_renders"].append(scene_right(judge, image, p.scene))
+        counts.update(object_counts(verdicts, p.scene))
+        colours.update(f"{o.colour} as {verdicts[o.slot].colour}" for o in p.scene.objects)
+    report = {k: sum(v) / len(v) for k, v in results.items() if v}
+    report["objects"] = dict(counts)
+    report["colours"] = dict(sorted(colours.items()))  # "named as judged": where colours are lost
+    report["recon_mae_0_255"] = sum(errors) / len(errors)
+    report["n_prompts"] = n
+    return report
+
+
+def tensor_to_image(pixels: torch.Tensor):
+    """A (3, H, W) tensor in [-1, 1] as a PIL image."""
+    from PIL import Image
+
+    array = ((pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()
+    return Image.fromarray(array)
+
+
 def evaluate_lora(pipe, lora_path, judge: Judge | None = None, n: int = 32, steps: int = 20, guidance: float = 5.0,
                   weight: float = 1.0, seed: int = 4048) -> dict:
     """A LoRA of train-lora used alone: one object (its shape, or a base shape in its texture) per prompt,

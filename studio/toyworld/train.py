@@ -197,9 +197,14 @@ def checkpoint_step(workdir: Path) -> int:
 
 
 def train_base(workdir: Path, tokenizer_dir: Path, cfg: BaseTrainConfig, export_dir: Path | None = None,
-               progress: bool = True, max_minutes: float | None = None, init_from: Path | None = None):
+               progress: bool = True, max_minutes: float | None = None, init_from: Path | None = None,
+               warm_start: Path | None = None):
     """Train, or continue: from the workdir's checkpoint, else (`init_from`) from an exported pipeline's
-    weights and step count (the optimiser state starts afresh)."""
+    weights and step count (the optimiser state starts afresh). `warm_start`: a new run (its own VAE, from step
+    0) whose UNet and text encoder start from an exported pipeline's weights instead of random ones."""
+    if init_from is not None and warm_start is not None:
+        raise ValueError("init_from continues a model with its VAE; warm_start begins a new run with a new VAE: "
+                         "give one of them")
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = resumed_config(workdir, cfg)
     (workdir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
@@ -219,20 +224,19 @@ def train_base(workdir: Path, tokenizer_dir: Path, cfg: BaseTrainConfig, export_
         opt.load_state_dict(ckpt["optimizer"])
         ema_unet.shadow, ema_text.shadow = ckpt["ema_unet"], ckpt["ema_text"]
         start = ckpt["step"]
-    elif init_from is not None:
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel
-
-        unet.load_state_dict(UNet2DConditionModel.from_pretrained(str(init_from), subfolder="unet").state_dict())
-        text_encoder.load_state_dict(CLIPTextModel.from_pretrained(str(init_from), subfolder="text_encoder").state_dict())
-        unet.float(), text_encoder.float()
+    elif init_from is not None or warm_start is not None:
+        source = Path(init_from if init_from is not None else warm_start)
+        load_exported_weights(source, unet, text_encoder)
         ema_unet, ema_text = EMA(unet, cfg.ema_decay), EMA(text_encoder, cfg.ema_decay)
-        origin = json.loads((Path(init_from) / "training.json").read_text())
-        start = origin["steps"]
+        origin = json.loads((source / "training.json").read_text())
         # how the weights it starts from were made: an exported model of this run then names its whole lineage
-        (workdir / "continued_from.json").write_text(json.dumps(origin, indent=1))
-        cfg = replace(cfg, warmup_start=start)
-        (workdir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        if init_from is not None:
+            start = origin["steps"]
+            (workdir / "continued_from.json").write_text(json.dumps(origin, indent=1))
+            cfg = replace(cfg, warmup_start=start)
+            (workdir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        else:
+            (workdir / "warm_started_from.json").write_text(json.dumps(origin, indent=1))
     noise_scheduler = toymodel.train_scheduler()
     store = None
     if cfg.grounding_weight > 0:
@@ -299,6 +303,16 @@ def train_base(workdir: Path, tokenizer_dir: Path, cfg: BaseTrainConfig, export_
     return pipe
 
 
+def load_exported_weights(model_dir: Path, unet, text_encoder) -> None:
+    """Copy an exported pipeline's UNet and text-encoder weights (fp16 on disk) into fp32 modules."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet.load_state_dict(UNet2DConditionModel.from_pretrained(str(model_dir), subfolder="unet").state_dict())
+    text_encoder.load_state_dict(CLIPTextModel.from_pretrained(str(model_dir), subfolder="text_encoder").state_dict())
+    unet.float(), text_encoder.float()
+
+
 CHECKPOINT_WEIGHTS = ("ema", "raw")
 
 
@@ -310,8 +324,9 @@ def export(workdir: Path, pipe, out_dir: Path, weights: str = "ema") -> None:
     record = {"steps": ckpt_step, "weights": weights, "config": json.loads((workdir / "config.json").read_text()),
               "command": "studio toyworld train", "vae": json.loads((workdir / "vae_report.json").read_text())
               if (workdir / "vae_report.json").exists() else None}
-    if (workdir / "continued_from.json").exists():
-        record["continued_from"] = json.loads((workdir / "continued_from.json").read_text())
+    for lineage in ("continued_from", "warm_started_from"):
+        if (workdir / f"{lineage}.json").exists():
+            record[lineage] = json.loads((workdir / f"{lineage}.json").read_text())
     (Path(out_dir) / "training.json").write_text(json.dumps(record, indent=1))
 
 
