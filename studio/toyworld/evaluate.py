@@ -99,9 +99,12 @@ def evaluate_vae(vae, judge: Judge | None = None, n: int = 64, seed: int = 2024)
     """The ceiling the VAE sets: the evaluation prompts' own renders, encoded (posterior mean) and decoded, scored
     by the judge as `evaluate_model` scores generated images (no diffusion model can draw what its decoder cannot
     give back). Also the renders themselves, unencoded, and the decoded images' mean absolute error."""
+    from diffusers.image_processor import VaeImageProcessor
+
     from studio.toyworld.render import image_to_tensor_array, render
 
     judge = judge or Judge.load()
+    to_image = VaeImageProcessor()  # as the pipeline turns its decoded images into PIL images
     results = {"single": [], "double": [], "single_renders": [], "double_renders": []}
     counts, colours = Counter(), Counter()
     errors = []
@@ -111,7 +114,7 @@ def evaluate_vae(vae, judge: Judge | None = None, n: int = 64, seed: int = 2024)
         with torch.no_grad():
             decoded = vae.decode(vae.encode(pixels.to(vae.dtype)).latent_dist.mean).sample.float().clamp(-1, 1)
         errors.append(float((decoded - pixels).abs().mean() * 127.5))
-        decoded_image = tensor_to_image(decoded[0])
+        decoded_image = to_image.postprocess(decoded, output_type="pil")[0]
         key = "single" if len(p.scene.objects) == 1 else "double"
         verdicts = judge.slots(decoded_image)
         results[key].append(scene_right_from_verdicts(verdicts, p.scene))
@@ -124,14 +127,6 @@ def evaluate_vae(vae, judge: Judge | None = None, n: int = 64, seed: int = 2024)
     report["recon_mae_0_255"] = sum(errors) / len(errors)
     report["n_prompts"] = n
     return report
-
-
-def tensor_to_image(pixels: torch.Tensor):
-    """A (3, H, W) tensor in [-1, 1] as a PIL image."""
-    from PIL import Image
-
-    array = ((pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().cpu().numpy()
-    return Image.fromarray(array)
 
 
 def evaluate_lora(pipe, lora_path, judge: Judge | None = None, n: int = 32, steps: int = 20, guidance: float = 5.0,
