@@ -202,8 +202,11 @@ def toyworld_train(workdir: Path = typer.Option(DEFAULT_RUN, help="Checkpoints a
     if init_from is not None and warm_start is not None:
         fail("--init-from continues a model with its own VAE and --warm-start begins a new run with a new VAE: "
              "give one of them.")
-    train_base(workdir, paths.TOKENIZER, cfg, export_dir=export, max_minutes=max_minutes, init_from=init_from,
-               warm_start=warm_start)
+    try:
+        train_base(workdir, paths.TOKENIZER, cfg, export_dir=export, max_minutes=max_minutes, init_from=init_from,
+                   warm_start=warm_start)
+    except StudioError as exc:
+        fail(str(exc))
 
 
 @toyworld.command("export")
@@ -253,6 +256,7 @@ def toyworld_evaluate_vae(model: Optional[Path] = typer.Option(None, help="A sha
                                                                     "folder (a run's `vae/`). Default: the bundled model."),
                           n: int = typer.Option(64)):
     """The ceiling a model's VAE sets: the evaluation prompts' renders, encoded and decoded, scored by the judge."""
+    import torch
     from diffusers import AutoencoderKL
 
     from studio import paths
@@ -261,11 +265,14 @@ def toyworld_evaluate_vae(model: Optional[Path] = typer.Option(None, help="A sha
     folder = Path(model) if model else Path(paths.DEFAULT_MODEL)
     if (folder / "vae" / "config.json").exists():
         folder = folder / "vae"
-    if not (folder / "config.json").exists():
-        fail(f"{folder} holds no VAE: give a shapes-world pipeline folder or a VAE folder (with config.json).")
-    import torch
-
-    vae = AutoencoderKL.from_pretrained(str(folder), dtype=torch.float32).eval()
+    config = folder / "config.json"
+    if not config.exists() or json.loads(config.read_text()).get("_class_name") != "AutoencoderKL":
+        fail(f"{folder} holds no VAE: give a shapes-world pipeline folder or a VAE folder (an AutoencoderKL's "
+             "config.json and weights).")
+    try:
+        vae = AutoencoderKL.from_pretrained(str(folder), dtype=torch.float32).eval()
+    except (OSError, ValueError, RuntimeError) as exc:
+        fail(f"The VAE in {folder} could not be loaded ({str(exc).splitlines()[0].strip().rstrip('.')}).")
     typer.echo(json.dumps(evaluate_vae(vae, n=n), indent=1))
 
 

@@ -137,5 +137,12 @@ def test_evaluate_vae_command_reads_a_pipeline_or_a_vae_folder(tmp_path):
         assert result.exit_code == 0, result.output
         report = json.loads(result.stdout)
         assert report["n_prompts"] == 4 and report["single_renders"] == 1.0
-    result = CliRunner().invoke(app, ["toyworld", "evaluate-vae", "--model", str(tmp_path)])
-    assert result.exit_code != 0 and "holds no VAE" in result.output
+    for not_a_vae in (tmp_path, paths.DEFAULT_MODEL / "unet"):
+        result = CliRunner().invoke(app, ["toyworld", "evaluate-vae", "--model", str(not_a_vae)])
+        assert result.exit_code == 2 and "holds no VAE" in result.output
+    broken = tmp_path / "broken-vae"
+    broken.mkdir()
+    (broken / "config.json").write_text((paths.DEFAULT_MODEL / "vae" / "config.json").read_text())
+    (broken / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    result = CliRunner().invoke(app, ["toyworld", "evaluate-vae", "--model", str(broken)])
+    assert result.exit_code == 2 and "could not be loaded" in result.output, result.output

@@ -65,6 +65,20 @@ def test_a_warm_started_run_trains_its_own_vae_from_step_0_on_an_exported_models
                    warm_start=tmp_path / "exported")
 
 
+def test_a_run_from_a_folder_that_is_no_exported_model_is_refused_in_one_sentence_and_leaves_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    from studio.cli import app
+
+    (tmp_path / "not-a-model").mkdir()
+    for option in ("--init-from", "--warm-start"):
+        result = CliRunner().invoke(app, ["toyworld", "train", "--workdir", str(tmp_path / "run"), "--steps", "1",
+                                          option, str(tmp_path / "not-a-model")])
+        assert result.exit_code == 2, result.output
+        assert "is not a model exported by `studio toyworld export` (it has no training.json" in result.output
+        assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+
+
 def test_export_writes_the_ema_or_the_raw_weights_and_says_which(tmp_path):
     from diffusers import UNet2DConditionModel
     from typer.testing import CliRunner

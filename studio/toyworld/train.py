@@ -205,6 +205,11 @@ def train_base(workdir: Path, tokenizer_dir: Path, cfg: BaseTrainConfig, export_
     if init_from is not None and warm_start is not None:
         raise ValueError("init_from continues a model with its VAE; warm_start begins a new run with a new VAE: "
                          "give one of them")
+    fresh = not (workdir / "checkpoint.pt").exists()
+    if fresh and init_from is not None:
+        origin = exported_model_record(Path(init_from), ("unet", "text_encoder", "vae"))
+    elif fresh and warm_start is not None:
+        origin = exported_model_record(Path(warm_start), ("unet", "text_encoder"))
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = resumed_config(workdir, cfg)
     (workdir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
@@ -228,7 +233,6 @@ def train_base(workdir: Path, tokenizer_dir: Path, cfg: BaseTrainConfig, export_
         source = Path(init_from if init_from is not None else warm_start)
         load_exported_weights(source, unet, text_encoder)
         ema_unet, ema_text = EMA(unet, cfg.ema_decay), EMA(text_encoder, cfg.ema_decay)
-        origin = json.loads((source / "training.json").read_text())
         # how the weights it starts from were made: an exported model of this run then names its whole lineage
         if init_from is not None:
             start = origin["steps"]
@@ -301,6 +305,19 @@ def train_base(workdir: Path, tokenizer_dir: Path, cfg: BaseTrainConfig, export_
     if export_dir is not None:
         export(workdir, pipe, export_dir)
     return pipe
+
+
+def exported_model_record(model_dir: Path, parts: tuple[str, ...]) -> dict:
+    """The `training.json` of a model written by `studio toyworld export`, checked before a run starts from it (so
+    a wrong folder leaves no half-made run behind)."""
+    from studio.errors import ModelNotAvailable
+
+    missing = [name for name in ("training.json", *(f"{part}/config.json" for part in parts))
+               if not (model_dir / name).exists()]
+    if missing:
+        raise ModelNotAvailable(f"{model_dir} is not a model exported by `studio toyworld export` (it has no "
+                                f"{', '.join(missing)}).")
+    return json.loads((model_dir / "training.json").read_text())
 
 
 def load_exported_weights(model_dir: Path, unet, text_encoder) -> None:
