@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from studio.toyworld.render import COLOUR_NAMES, IMAGE_SIZE, SHAPES, SLOT_X, TEXTURES, degrade, random_scene, render
+from studio.toyworld.render import (COLOUR_NAMES, IMAGE_SIZE, SHAPES, SLOT_X, TEXTURES, degrade, image_to_tensor_array,
+                                    random_scene, render)
 
 NOTHING = "nothing"
 SHAPE_CLASSES = (NOTHING,) + SHAPES
@@ -57,8 +58,7 @@ def square_crop(image: Image.Image, box, scale: float = 1.3) -> np.ndarray:
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     half = max(x1 - x0, y1 - y0, 4.0) * scale / 2
     crop = image.convert("RGB").crop((round(cx - half), round(cy - half), round(cx + half), round(cy + half)))
-    arr = np.asarray(crop.resize((CROP, CROP), Image.Resampling.BILINEAR), np.float32)
-    return arr.transpose(2, 0, 1) / 127.5 - 1.0
+    return image_to_tensor_array(crop.resize((CROP, CROP), Image.Resampling.BILINEAR))
 
 
 def background_colour(image: Image.Image) -> np.ndarray:
