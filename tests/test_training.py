@@ -179,3 +179,48 @@ def test_lora_trainer_writes_kohya_with_trigger_and_metadata(tiny_pipe, tmp_path
     for model in (tiny_pipe.unet, tiny_pipe.text_encoder):  # the pipeline is left as it was
         assert not any("lora" in n.lower() or "base_layer" in n for n, _ in model.named_parameters())
         assert all(type(m).__module__.startswith(("torch", "diffusers", "transformers")) for m in model.modules())
+
+
+def test_tuning_a_models_decoder_keeps_its_encoder_and_records_itself_and_a_failure_leaves_the_model_as_it_was(
+        tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+    from typer.testing import CliRunner
+
+    from studio.cli import app
+    from studio.toyworld import train as training
+    from studio.toyworld.train import DecoderTuneConfig, tune_model_decoder
+
+    pipe = train_base(tmp_path / "a", paths.TOKENIZER, BaseTrainConfig(steps=1, **TINY), progress=False)
+    model = tmp_path / "exported"
+    export(tmp_path / "a", pipe, model)
+    before = AutoencoderKL.from_pretrained(str(model / "vae")).state_dict()
+    tuning = tune_model_decoder(model, DecoderTuneConfig(steps=2, batch_size=2), progress=False)
+    after = AutoencoderKL.from_pretrained(str(model / "vae"))
+    from safetensors.torch import load_file
+    stored = load_file(model / "vae" / "diffusion_pytorch_model.safetensors")
+    assert {weight.dtype for weight in stored.values()} == {torch.float16}  # as `export` writes it
+    assert after.config.scaling_factor == pipe.vae.config.scaling_factor
+    state = after.state_dict()
+    # the encoder (so the latents the UNet learnt) is untouched; the decoder has trained
+    assert all(torch.equal(state[name], before[name]) for name in state if name.startswith(("encoder.", "quant_conv.")))
+    assert not torch.equal(state["decoder.conv_out.weight"], before["decoder.conv_out.weight"])
+    assert not torch.equal(state["post_quant_conv.weight"], before["post_quant_conv.weight"])
+    record = json.loads((model / "training.json").read_text())
+    assert record["decoder_tuned"] == [tuning] and tuning["steps"] == 2 and record["steps"] == 1
+    assert sorted(p.name for p in model.iterdir() if p.name.startswith(".")) == []
+
+    # a tuning that fails half-way leaves the model's VAE and record untouched
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "tune_decoder", interrupted)
+    weights = (model / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        tune_model_decoder(model, DecoderTuneConfig(steps=2, batch_size=2), progress=False)
+    assert (model / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
+    assert json.loads((model / "training.json").read_text()) == record
+
+    (tmp_path / "not-a-model").mkdir()
+    result = CliRunner().invoke(app, ["toyworld", "tune-decoder", "--model", str(tmp_path / "not-a-model")])
+    assert result.exit_code == 2 and "is not a model exported by `studio toyworld export`" in result.output
+    assert list((tmp_path / "not-a-model").iterdir()) == []
