@@ -92,7 +92,7 @@ def test_evaluation_counts_say_why_a_prompt_failed():
     verdicts = {"left": Verdict("square", "red", "solid", 0.9), "centre": Verdict(NOTHING, NOTHING, NOTHING, 1.0),
                 "right": Verdict("star", "blue", "solid", 0.9)}
     assert object_counts(verdicts, scene) == {"named": 1, "drawn_in_slot": 1, "colour_right": 1, "shape_right": 0,
-                                              "unasked_objects": 1}
+                                              "texture_right": 1, "unasked_objects": 1}
     assert not scene_right_from_verdicts(verdicts, scene)
     verdicts["left"] = Verdict("circle", "red", "striped", 0.9)
     assert scene_right_from_verdicts(verdicts, scene)  # the bar asks for shape and colour, not texture

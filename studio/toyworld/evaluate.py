@@ -40,13 +40,15 @@ def scene_right_from_verdicts(verdicts: dict, scene: Scene) -> bool:
 
 def object_counts(verdicts: dict, scene: Scene) -> dict[str, int]:
     """Why prompts fail: of the named objects, how many have something in their slot, and of those how many
-    have the named colour and the named shape; and how many objects were drawn in slots the prompt left empty."""
+    have the named colour, the named shape and the named texture (the quality bar does not ask for texture); and
+    how many objects were drawn in slots the prompt left empty."""
     named = {o.slot: o for o in scene.objects}
     drawn = {slot for slot, v in verdicts.items() if v.shape != NOTHING}
     in_slot = drawn & named.keys()
     return {"named": len(named), "drawn_in_slot": len(in_slot),
             "colour_right": sum(verdicts[s].colour == named[s].colour for s in in_slot),
             "shape_right": sum(verdicts[s].shape == named[s].shape for s in in_slot),
+            "texture_right": sum(verdicts[s].texture == named[s].texture for s in in_slot),
             "unasked_objects": len(drawn - named.keys())}
 
 
