@@ -194,7 +194,16 @@ def test_tuning_a_models_decoder_keeps_its_encoder_and_records_itself_and_a_fail
     model = tmp_path / "exported"
     export(tmp_path / "a", pipe, model)
     before = AutoencoderKL.from_pretrained(str(model / "vae")).state_dict()
+    drawn = []
+    render_batch = training.render_batch
+    monkeypatch.setattr(training, "render_batch",
+                        lambda *args, **kwargs: drawn.append(kwargs) or render_batch(*args, **kwargs))
     tuning = tune_model_decoder(model, DecoderTuneConfig(steps=2, batch_size=2), progress=False)
+    # its training renders also show what only the LoRAs teach (the decoder is every LoRA's codec)
+    from studio.toyworld.render import NOVEL_SHAPES, NOVEL_TEXTURES
+    taught = [kwargs for kwargs in drawn if kwargs]
+    assert len(taught) == 2 and all(set(NOVEL_SHAPES) <= set(kwargs["shapes"])
+                                    and set(NOVEL_TEXTURES) <= set(kwargs["textures"]) for kwargs in taught)
     after = AutoencoderKL.from_pretrained(str(model / "vae"))
     from safetensors.torch import load_file
     stored = load_file(model / "vae" / "diffusion_pytorch_model.safetensors")
