@@ -237,7 +237,10 @@ def toyworld_train_judge(out: Optional[Path] = typer.Option(None, help="Default:
 @toyworld.command("evaluate")
 def toyworld_evaluate(model: Optional[str] = typer.Option(None, help="Default: the bundled model."),
                       n: int = typer.Option(64), steps: int = typer.Option(20), guidance: float = typer.Option(5.0),
-                      images: Optional[Path] = typer.Option(None, help="Also save the generated images here.")):
+                      images: Optional[Path] = typer.Option(None, help="Also save the generated images here."),
+                      prompt_seed: int = typer.Option(2024, help="2024: the quality bar's prompts; another seed: a "
+                                                                 "fresh set, to choose settings on without fitting "
+                                                                 "the bar's own prompts.")):
     """Score a shapes-world model with the judge on 64 seeded prompts (the README's quality bar)."""
     from studio.models import load_base_model
     from studio.toyworld.evaluate import evaluate_model
@@ -248,7 +251,8 @@ def toyworld_evaluate(model: Optional[str] = typer.Option(None, help="Default: t
         fail(str(exc))
     if images:
         images.mkdir(parents=True, exist_ok=True)
-    typer.echo(json.dumps(evaluate_model(pipe, n=n, steps=steps, guidance=guidance, images_out=images), indent=1))
+    typer.echo(json.dumps(evaluate_model(pipe, n=n, steps=steps, guidance=guidance, seed=prompt_seed,
+                                         images_out=images), indent=1))
 
 
 @toyworld.command("evaluate-vae")

@@ -146,3 +146,16 @@ def test_evaluate_vae_command_reads_a_pipeline_or_a_vae_folder(tmp_path):
     (broken / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
     result = CliRunner().invoke(app, ["toyworld", "evaluate-vae", "--model", str(broken)])
     assert result.exit_code == 2 and "could not be loaded" in result.output, result.output
+
+
+def test_evaluate_scores_the_bars_prompts_or_a_fresh_set_for_choosing_settings():
+    from typer.testing import CliRunner
+
+    from studio.cli import app
+    from studio.toyworld.evaluate import evaluation_prompts
+
+    assert [p.caption for p in evaluation_prompts(4, 7)] != [p.caption for p in evaluation_prompts(4, 2024)]
+    result = CliRunner().invoke(app, ["toyworld", "evaluate", "--n", "2", "--steps", "2", "--prompt-seed", "7"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["prompt_seed"] == 7 and report["n_prompts"] == 2 and report["objects"]["named"] == 3  # one single, one pair

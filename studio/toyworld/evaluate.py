@@ -94,6 +94,7 @@ def evaluate_model(pipe, judge: Judge | None = None, n: int = 64, steps: int = 2
     report["seconds_per_image"] = sorted(elapsed)[len(elapsed) // 2]
     report["steps"] = steps
     report["guidance"] = guidance
+    report["prompt_seed"] = seed
     return report
 
 
