@@ -260,11 +260,9 @@ def toyworld_evaluate_vae(model: Optional[Path] = typer.Option(None, help="A sha
                                                                     "folder (a run's `vae/`). Default: the bundled model."),
                           n: int = typer.Option(64)):
     """The ceiling a model's VAE sets: the evaluation prompts' renders, encoded and decoded, scored by the judge."""
-    import torch
-    from diffusers import AutoencoderKL
-
     from studio import paths
     from studio.toyworld.evaluate import evaluate_vae
+    from studio.toyworld.train import load_vae
 
     folder = Path(model) if model else Path(paths.DEFAULT_MODEL)
     if (folder / "vae" / "config.json").exists():
@@ -274,9 +272,9 @@ def toyworld_evaluate_vae(model: Optional[Path] = typer.Option(None, help="A sha
         fail(f"{folder} holds no VAE: give a shapes-world pipeline folder or a VAE folder (an AutoencoderKL's "
              "config.json and weights).")
     try:
-        vae = AutoencoderKL.from_pretrained(str(folder), dtype=torch.float32).eval()
-    except (OSError, ValueError, RuntimeError) as exc:
-        fail(f"The VAE in {folder} could not be loaded ({str(exc).splitlines()[0].strip().rstrip('.')}).")
+        vae = load_vae(folder).eval()
+    except StudioError as exc:
+        fail(str(exc))
     typer.echo(json.dumps(evaluate_vae(vae, n=n), indent=1))
 
 

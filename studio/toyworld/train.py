@@ -115,6 +115,11 @@ def _save_atomic(obj, path: Path) -> None:
     tmp.replace(path)
 
 
+def cosine_to_5_percent(lr: float, fraction: float) -> float:
+    """The VAE trainings' learning rate: a half cosine from `lr` down to 5 % of it as `fraction` goes 0 → 1."""
+    return float(lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * fraction))))
+
+
 def train_vae(workdir: Path, cfg: BaseTrainConfig, progress: bool = True, init_from: Path | None = None):
     """Train (or load: from the workdir, else from an exported pipeline) the factor-2 VAE; returns it
     frozen, with its scaling factor set."""
@@ -150,8 +155,8 @@ def train_vae(workdir: Path, cfg: BaseTrainConfig, progress: bool = True, init_f
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        for group in opt.param_groups:  # cosine decay to 5 %
-            group["lr"] = cfg.vae_lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * step / cfg.vae_steps)))
+        for group in opt.param_groups:
+            group["lr"] = cosine_to_5_percent(cfg.vae_lr, step / cfg.vae_steps)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval().requires_grad_(False)
     scaling, mae = vae_report(vae, cfg.seed)
@@ -197,9 +202,9 @@ def tune_decoder(vae, cfg: DecoderTuneConfig, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     _, mae_before = vae_report(vae, cfg.seed)
     vae.train()
+    subjects = dict(shapes=SHAPES, textures=TEXTURES, allow_held_out=True) if cfg.all_subjects else {}
     bar = tqdm(range(cfg.steps), desc="decoder", disable=not progress)
     for step in bar:
-        subjects = dict(shapes=SHAPES, textures=TEXTURES, allow_held_out=True) if cfg.all_subjects else {}
         images, _ = render_batch(cfg.seed + 13, step, cfg.batch_size, **subjects)
         with torch.no_grad():
             means = vae.encode(images).latent_dist.mean
@@ -208,13 +213,26 @@ def tune_decoder(vae, cfg: DecoderTuneConfig, progress: bool = True) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        for group in opt.param_groups:  # cosine decay to 5 %, as train_vae
-            group["lr"] = cfg.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * (step + 1) / cfg.steps)))
+        for group in opt.param_groups:
+            group["lr"] = cosine_to_5_percent(cfg.lr, (step + 1) / cfg.steps)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval().requires_grad_(False)
     _, mae_after = vae_report(vae, cfg.seed)
     return {**asdict(cfg), "command": "studio toyworld tune-decoder", "recon_mae_0_255_before": mae_before,
             "recon_mae_0_255": mae_after}
+
+
+def load_vae(folder: Path):
+    """A VAE folder's AutoencoderKL in fp32, or one sentence saying why its weights could not be loaded."""
+    from diffusers import AutoencoderKL
+
+    from studio.errors import ModelNotAvailable
+
+    try:
+        return AutoencoderKL.from_pretrained(str(folder), dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelNotAvailable(f"The VAE in {folder} could not be loaded "
+                                f"({str(exc).splitlines()[0].strip().rstrip('.')}).") from exc
 
 
 def tune_model_decoder(model_dir: Path, cfg: DecoderTuneConfig, progress: bool = True) -> dict:
@@ -223,17 +241,9 @@ def tune_model_decoder(model_dir: Path, cfg: DecoderTuneConfig, progress: bool =
     tuning is done: an interrupted tuning leaves the model as it was."""
     import shutil
 
-    from diffusers import AutoencoderKL
-
-    from studio.errors import ModelNotAvailable
-
     model_dir = Path(model_dir)
     record = exported_model_record(model_dir, ("vae",))
-    try:
-        vae = AutoencoderKL.from_pretrained(str(model_dir / "vae"), dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelNotAvailable(f"The VAE in {model_dir / 'vae'} could not be loaded "
-                                f"({str(exc).splitlines()[0].strip().rstrip('.')}).") from exc
+    vae = load_vae(model_dir / "vae")
     tuning = tune_decoder(vae, cfg, progress)
     staged, old = model_dir / ".vae-tuned", model_dir / ".vae-before-tuning"
     shutil.rmtree(staged, ignore_errors=True), shutil.rmtree(old, ignore_errors=True)
