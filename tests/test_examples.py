@@ -79,6 +79,19 @@ def test_studio_generate_runs_the_concept_and_style_and_b4m_presets(tmp_path):
     assert load_preset(written[0]).method == "b4m"
 
 
+def test_lora_evaluation_says_why_taught_prompts_fail(shapes_pipe):
+    from studio.toyworld.evaluate import evaluate_lora
+
+    report = evaluate_lora(shapes_pipe, paths.EXAMPLE_LORAS / "ringed-rngd.safetensors", n=3, steps=2)
+    objects = report["objects"]
+    assert report["kind"] == "style" and report["n"] == 3
+    assert round(report["taught_right"] * 3) <= objects["taught_shape_or_texture"] <= objects["drawn_in_slot"] <= 3
+    assert objects["colour_right"] <= objects["drawn_in_slot"]
+    # every drawn object without the taught texture is named by what the judge saw instead
+    assert sum(objects["drawn_instead"].values()) == objects["drawn_in_slot"] - objects["taught_shape_or_texture"]
+    assert "ringed" not in objects["drawn_instead"]
+
+
 def test_b4m_evaluation_scores_the_pair_assembled_and_alone(shapes_pipe):
     from studio.toyworld.evaluate import evaluate_b4m
 

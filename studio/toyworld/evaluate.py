@@ -136,7 +136,9 @@ def evaluate_lora(pipe, lora_path, judge: Judge | None = None, n: int = 32, step
                   weight: float = 1.0, seed: int = 4048) -> dict:
     """A LoRA of train-lora used alone: one object (its shape, or a base shape in its texture) per prompt,
     with the trigger word; right when the judge finds the taught shape or texture in the right colour and slot.
-    Also scores ordinary prompts with the LoRA attached, to show what it does to them."""
+    Also scores ordinary prompts with the LoRA attached, to show what it does to them, and says why taught prompts
+    fail: of the objects, how many were drawn in their slot, in the taught shape or texture, in the named colour,
+    and what the judge saw in place of the taught shape or texture."""
     from studio.lora import load_lora
     from studio.lora.inject import attach_lora, detach_lora
     from studio.toyworld.lora_train import LoraTrainConfig, lora_scene
@@ -148,6 +150,8 @@ def evaluate_lora(pipe, lora_path, judge: Judge | None = None, n: int = 32, step
     attach_lora(pipe, weights, "evaluated", weight)
     try:
         right, ordinary_right = [], []
+        counts = Counter()
+        drawn_instead = Counter()  # the judge's shape (concept) or texture (style) where the taught one is missing
         for i in range(n):
             scene = lora_scene(rng, cfg)
             scene.objects = scene.objects[:1]
@@ -156,8 +160,14 @@ def evaluate_lora(pipe, lora_path, judge: Judge | None = None, n: int = 32, step
                          generator=generator).images[0]
             obj = scene.objects[0]
             verdict = judge.slots(image)[obj.slot]
-            taught = verdict.shape == obj.shape if cfg.kind == "concept" else verdict.texture == obj.texture
+            drawn = verdict.shape != NOTHING
+            seen = verdict.shape if cfg.kind == "concept" else verdict.texture
+            taught = seen == (obj.shape if cfg.kind == "concept" else obj.texture)
             right.append(taught and verdict.colour == obj.colour)
+            counts.update(drawn_in_slot=drawn, taught_right=drawn and taught,
+                          colour_right=drawn and verdict.colour == obj.colour)
+            if drawn and not taught:
+                drawn_instead[seen] += 1
         for i, p in enumerate(evaluation_prompts(n=16, seed=seed)):
             generator = torch.Generator().manual_seed(seed + 100 + i)
             image = pipe(p.caption, num_inference_steps=steps, guidance_scale=guidance, generator=generator).images[0]
@@ -166,7 +176,9 @@ def evaluate_lora(pipe, lora_path, judge: Judge | None = None, n: int = 32, step
         detach_lora(pipe, "evaluated")
     return {"lora": str(lora_path), "kind": cfg.kind, "subject": cfg.subject, "trigger": cfg.trigger,
             "taught_right": sum(right) / len(right), "ordinary_prompts_right_with_lora": sum(ordinary_right) / 16,
-            "n": n, "weight": weight}
+            "n": n, "weight": weight,
+            "objects": {"drawn_in_slot": counts["drawn_in_slot"], "taught_shape_or_texture": counts["taught_right"],
+                        "colour_right": counts["colour_right"], "drawn_instead": dict(drawn_instead.most_common())}}
 
 
 def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: int = 16, steps: int = 20,
