@@ -307,7 +307,9 @@ def toyworld_train_lora(kind: str = typer.Option(..., help="concept (a new shape
                         trigger: str = typer.Option(..., help="The trigger word bound to it."),
                         out: Path = typer.Option(..., help="Output .safetensors (kohya format)."),
                         steps: int = typer.Option(800), rank: int = typer.Option(8), seed: int = typer.Option(0),
-                        lr: float = typer.Option(1e-3), model: Optional[str] = typer.Option(None)):
+                        lr: float = typer.Option(1e-3), model: Optional[str] = typer.Option(None),
+                        unet_only: bool = typer.Option(False, "--unet-only", help="Leave the text encoder as it is "
+                                                       "(kohya's network_train_unet_only).")):
     """Train an example LoRA on the shapes world (kohya format with ss_* metadata and its trigger word)."""
     from studio.models import load_base_model
     from studio.toyworld.lora_train import LoraTrainConfig, train_lora
@@ -315,9 +317,10 @@ def toyworld_train_lora(kind: str = typer.Option(..., help="concept (a new shape
     if kind not in ("concept", "style"):
         fail(f"--kind must be concept or style, not {kind!r}.")
     pipe = load_base_model(model)
-    cfg = LoraTrainConfig(kind=kind, subject=subject, trigger=trigger, steps=steps, rank=rank, seed=seed, lr=lr)
+    cfg = LoraTrainConfig(kind=kind, subject=subject, trigger=trigger, steps=steps, rank=rank, seed=seed, lr=lr,
+                          text_encoder=not unet_only)
     command = (f"studio toyworld train-lora --kind {kind} --subject {subject} --trigger {trigger} --out {out} "
-               f"--steps {steps} --rank {rank} --seed {seed} --lr {lr:g}")
+               f"--steps {steps} --rank {rank} --seed {seed} --lr {lr:g}" + (" --unet-only" if unet_only else ""))
     try:
         path = train_lora(pipe, cfg, out, command=command)
     except ValueError as exc:

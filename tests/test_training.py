@@ -181,6 +181,25 @@ def test_lora_trainer_writes_kohya_with_trigger_and_metadata(tiny_pipe, tmp_path
         assert all(type(m).__module__.startswith(("torch", "diffusers", "transformers")) for m in model.modules())
 
 
+def test_lora_trainer_unet_only_leaves_the_text_encoder_out_of_the_file_and_says_so(tmp_path):
+    from typer.testing import CliRunner
+
+    from studio.cli import app
+    from studio.lora import inspect_lora
+
+    pipe = train_base(tmp_path / "a", paths.TOKENIZER, BaseTrainConfig(steps=1, **TINY), progress=False)
+    export(tmp_path / "a", pipe, tmp_path / "model")
+    out = tmp_path / "ringed.safetensors"
+    result = CliRunner().invoke(app, ["toyworld", "train-lora", "--kind", "style", "--subject", "ringed", "--trigger",
+                                      "rngd", "--out", str(out), "--steps", "1", "--rank", "2", "--unet-only",
+                                      "--model", str(tmp_path / "model")])
+    assert result.exit_code == 0, result.output
+    info = inspect_lora(out)
+    assert not info.has_text_encoder and info.trigger_words == ["rngd"]
+    assert json.loads(info.metadata["studio_train_config"])["text_encoder"] is False
+    assert info.metadata["ss_training_comment"].endswith("--unet-only")
+
+
 def test_tuning_a_models_decoder_keeps_its_encoder_and_records_itself_and_a_failure_leaves_the_model_as_it_was(
         tmp_path, monkeypatch):
     from diffusers import AutoencoderKL
