@@ -159,14 +159,14 @@ def evaluate_lora(pipe, lora_path, judge: Judge | None = None, n: int = 32, step
             image = pipe(scene.caption(), num_inference_steps=steps, guidance_scale=guidance,
                          generator=generator).images[0]
             obj = scene.objects[0]
-            verdict = judge.slots(image)[obj.slot]
-            drawn = verdict.shape != NOTHING
+            verdicts = judge.slots(image)
+            verdict = verdicts[obj.slot]
             seen = verdict.shape if cfg.kind == "concept" else verdict.texture
             taught = seen == (obj.shape if cfg.kind == "concept" else obj.texture)
             right.append(taught and verdict.colour == obj.colour)
-            counts.update(drawn_in_slot=drawn, taught_right=drawn and taught,
-                          colour_right=drawn and verdict.colour == obj.colour)
-            if drawn and not taught:
+            objects = object_counts(verdicts, scene)
+            counts.update(objects)
+            if objects["drawn_in_slot"] and not taught:
                 drawn_instead[seen] += 1
         for i, p in enumerate(evaluation_prompts(n=16, seed=seed)):
             generator = torch.Generator().manual_seed(seed + 100 + i)
@@ -177,7 +177,8 @@ def evaluate_lora(pipe, lora_path, judge: Judge | None = None, n: int = 32, step
     return {"lora": str(lora_path), "kind": cfg.kind, "subject": cfg.subject, "trigger": cfg.trigger,
             "taught_right": sum(right) / len(right), "ordinary_prompts_right_with_lora": sum(ordinary_right) / 16,
             "n": n, "weight": weight,
-            "objects": {"drawn_in_slot": counts["drawn_in_slot"], "taught_shape_or_texture": counts["taught_right"],
+            "objects": {"drawn_in_slot": counts["drawn_in_slot"],
+                        "taught_shape_or_texture": counts["shape_right" if cfg.kind == "concept" else "texture_right"],
                         "colour_right": counts["colour_right"], "drawn_instead": dict(drawn_instead.most_common())}}
 
 
