@@ -22,6 +22,16 @@ def test_captions_name_every_controllable_attribute():
             assert f"a {obj.size} {obj.texture} {obj.colour} {obj.shape} {SLOT_PHRASE[obj.slot]}" in caption
 
 
+def test_trigger_words_take_the_shape_s_place_and_follow_the_colour_for_a_texture():
+    from studio.toyworld.render import Scene, ShapeObject
+
+    cross = ShapeObject("cross", "blue", "ringed", "large", 0.5, 0.5, 9.0)
+    square = ShapeObject("square", "red", "striped", "small", 0.18, 0.5, 6.0)
+    scene = Scene([cross, square], "grey", triggers={"cross": "ohwx", "ringed": "rngd"})
+    assert scene.caption() == ("a small striped red square on the left and a large blue rngd ohwx in the centre, "
+                               "grey background")
+
+
 def test_training_scenes_never_show_held_out_pairs_or_novel_shapes():
     rng = random.Random(1)
     for _ in range(500):
@@ -116,14 +126,18 @@ class _PixelAutoencoder:
 def test_the_vae_ceiling_scores_round_trips_of_the_evaluation_renders():
     from studio.toyworld.evaluate import evaluate_vae
 
-    perfect = evaluate_vae(_PixelAutoencoder(lambda x: x), n=8)
+    perfect = evaluate_vae(_PixelAutoencoder(lambda x: x), n=8, per_texture=4)
     assert perfect["single"] == perfect["double"] == 1.0 == perfect["single_renders"]
     assert perfect["recon_mae_0_255"] == 0.0
+    # every texture, the style LoRAs' included, given back by a perfect codec
+    assert perfect["textures_given_back"] == {"solid": 4, "striped": 4, "dotted": 4, "checkered": 4, "ringed": 4,
+                                              "of": 4}
     # a decoder that gives every colour back as another (RGB -> GBR: red as blue, blue as green, ...)
-    swapped = evaluate_vae(_PixelAutoencoder(lambda x: x[:, [1, 2, 0]]), n=8)
+    swapped = evaluate_vae(_PixelAutoencoder(lambda x: x[:, [1, 2, 0]]), n=8, per_texture=4)
     assert swapped["single"] == swapped["double"] == 0.0 and swapped["single_renders"] == 1.0
     assert swapped["objects"]["colour_right"] == 0 and swapped["recon_mae_0_255"] > 1
     assert swapped["colours"]["blue as green"] >= 1
+    assert sum(v for k, v in swapped["textures_given_back"].items() if k != "of") == 0
 
 
 def test_evaluate_vae_command_reads_a_pipeline_or_a_vae_folder(tmp_path):

@@ -70,10 +70,6 @@ class ShapeObject:
         r = self.radius / IMAGE_SIZE
         return (max(0.0, self.cx - r), max(0.0, self.cy - r), min(1.0, self.cx + r), min(1.0, self.cy + r))
 
-    def phrase(self, trigger: str | None = None) -> str:
-        noun = trigger if trigger else self.shape
-        return f"a {self.size} {TEXTURE_WORDS[self.texture]} {self.colour} {noun}"
-
 
 @dataclass
 class Scene:
@@ -86,8 +82,13 @@ class Scene:
         out = []
         for obj in sorted(self.objects, key=lambda o: o.cx):
             noun = self.triggers.get(obj.shape, obj.shape)
-            texture = self.triggers.get(obj.texture, TEXTURE_WORDS[obj.texture])
-            out.append((obj, f"a {obj.size} {texture} {obj.colour} {noun} {SLOT_PHRASE[obj.slot]}"))
+            if obj.texture in self.triggers:
+                # A style trigger goes after the colour: the text encoder is causal, so a word it never saw
+                # placed before the colour changes how the colour is read (colours right 9 → 28 of 32).
+                words = f"{obj.colour} {self.triggers[obj.texture]}"
+            else:
+                words = f"{TEXTURE_WORDS[obj.texture]} {obj.colour}"
+            out.append((obj, f"a {obj.size} {words} {noun} {SLOT_PHRASE[obj.slot]}"))
         return out
 
     def caption(self) -> str:
