@@ -98,26 +98,32 @@ def evaluate_model(pipe, judge: Judge | None = None, n: int = 64, steps: int = 2
     return report
 
 
-def evaluate_vae(vae, judge: Judge | None = None, n: int = 64, seed: int = 2024) -> dict:
+def evaluate_vae(vae, judge: Judge | None = None, n: int = 64, seed: int = 2024, per_texture: int = 32) -> dict:
     """The ceiling the VAE sets: the evaluation prompts' own renders, encoded (posterior mean) and decoded, scored
     by the judge as `evaluate_model` scores generated images (no diffusion model can draw what its decoder cannot
-    give back). Also the renders themselves, unencoded, and the decoded images' mean absolute error."""
+    give back). Also the renders themselves, unencoded, and the decoded images' mean absolute error; and, per
+    texture (the style LoRAs' too), of `per_texture` one-object renders how many come back in that texture and
+    colour: a style LoRA cannot score above its texture's round trip."""
     from diffusers.image_processor import VaeImageProcessor
 
-    from studio.toyworld.render import image_to_tensor_array, render
+    from studio.toyworld.render import TEXTURES, image_to_tensor_array, random_object, render
 
     judge = judge or Judge.load()
     to_image = VaeImageProcessor()  # as the pipeline turns its decoded images into PIL images
+
+    def round_trip(image):
+        pixels = torch.from_numpy(image_to_tensor_array(image))[None]
+        with torch.no_grad():
+            decoded = vae.decode(vae.encode(pixels.to(vae.dtype)).latent_dist.mean).sample.float().clamp(-1, 1)
+        return to_image.postprocess(decoded, output_type="pil")[0], float((decoded - pixels).abs().mean() * 127.5)
+
     results = {"single": [], "double": [], "single_renders": [], "double_renders": []}
     counts, colours = Counter(), Counter()
     errors = []
     for i, p in enumerate(evaluation_prompts(n, seed)):
         image = render(p.scene, seed + i)
-        pixels = torch.from_numpy(image_to_tensor_array(image))[None]
-        with torch.no_grad():
-            decoded = vae.decode(vae.encode(pixels.to(vae.dtype)).latent_dist.mean).sample.float().clamp(-1, 1)
-        errors.append(float((decoded - pixels).abs().mean() * 127.5))
-        decoded_image = to_image.postprocess(decoded, output_type="pil")[0]
+        decoded_image, error = round_trip(image)
+        errors.append(error)
         key = "single" if len(p.scene.objects) == 1 else "double"
         verdicts = judge.slots(decoded_image)
         results[key].append(scene_right_from_verdicts(verdicts, p.scene))
@@ -129,6 +135,18 @@ def evaluate_vae(vae, judge: Judge | None = None, n: int = 64, seed: int = 2024)
     report["colours"] = dict(sorted(colours.items()))  # "named as judged": where colours are lost
     report["recon_mae_0_255"] = sum(errors) / len(errors)
     report["n_prompts"] = n
+    rng = random.Random(seed + 1)
+    textures = {}
+    for texture in TEXTURES:
+        right = 0
+        for i in range(per_texture):
+            scene = Scene([random_object(rng, textures=(texture,), allow_held_out=True)],
+                          rng.choice(("white", "grey", "black")))
+            obj = scene.objects[0]
+            right += judge.slots(round_trip(render(scene, seed + i))[0])[obj.slot].matches(texture=texture,
+                                                                                          colour=obj.colour)
+        textures[texture] = right
+    report["textures_given_back"] = {**textures, "of": per_texture}
     return report
 
 
