@@ -106,7 +106,7 @@ def evaluate_vae(vae, judge: Judge | None = None, n: int = 64, seed: int = 2024,
     colour: a style LoRA cannot score above its texture's round trip."""
     from diffusers.image_processor import VaeImageProcessor
 
-    from studio.toyworld.render import TEXTURES, image_to_tensor_array, random_object, render
+    from studio.toyworld.render import TEXTURES, image_to_tensor_array, render
 
     judge = judge or Judge.load()
     to_image = VaeImageProcessor()  # as the pipeline turns its decoded images into PIL images
@@ -140,8 +140,7 @@ def evaluate_vae(vae, judge: Judge | None = None, n: int = 64, seed: int = 2024,
     for texture in TEXTURES:
         right = 0
         for i in range(per_texture):
-            scene = Scene([random_object(rng, textures=(texture,), allow_held_out=True)],
-                          rng.choice(("white", "grey", "black")))
+            scene = random_scene(rng, n_objects=1, textures=(texture,), allow_held_out=True)
             obj = scene.objects[0]
             right += judge.slots(round_trip(render(scene, seed + i))[0])[obj.slot].matches(texture=texture,
                                                                                           colour=obj.colour)
