@@ -308,6 +308,10 @@ def toyworld_train_lora(kind: str = typer.Option(..., help="concept (a new shape
                         out: Path = typer.Option(..., help="Output .safetensors (kohya format)."),
                         steps: int = typer.Option(800), rank: int = typer.Option(8), seed: int = typer.Option(0),
                         lr: float = typer.Option(1e-3), model: Optional[str] = typer.Option(None),
+                        object_weight: float = typer.Option(1.0, help="Loss weight inside the objects' boxes "
+                                                            "(1 = plain mean over the image)."),
+                        prior_fraction: float = typer.Option(0.5, help="Share of each batch that is ordinary "
+                                                             "scenes with ordinary captions (prior preservation)."),
                         unet_only: bool = typer.Option(False, "--unet-only", help="Leave the text encoder as it is "
                                                        "(kohya's network_train_unet_only).")):
     """Train an example LoRA on the shapes world (kohya format with ss_* metadata and its trigger word)."""
@@ -318,9 +322,12 @@ def toyworld_train_lora(kind: str = typer.Option(..., help="concept (a new shape
         fail(f"--kind must be concept or style, not {kind!r}.")
     pipe = load_base_model(model)
     cfg = LoraTrainConfig(kind=kind, subject=subject, trigger=trigger, steps=steps, rank=rank, seed=seed, lr=lr,
-                          text_encoder=not unet_only)
+                          text_encoder=not unet_only, object_weight=object_weight, prior_fraction=prior_fraction)
     command = (f"studio toyworld train-lora --kind {kind} --subject {subject} --trigger {trigger} --out {out} "
-               f"--steps {steps} --rank {rank} --seed {seed} --lr {lr:g}" + (" --unet-only" if unet_only else ""))
+               f"--steps {steps} --rank {rank} --seed {seed} --lr {lr:g}"
+               + (f" --object-weight {object_weight:g}" if object_weight != 1.0 else "")
+               + (f" --prior-fraction {prior_fraction:g}" if prior_fraction != 0.5 else "")
+               + (" --unet-only" if unet_only else ""))
     try:
         path = train_lora(pipe, cfg, out, command=command)
     except ValueError as exc:

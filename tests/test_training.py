@@ -181,6 +181,71 @@ def test_lora_trainer_writes_kohya_with_trigger_and_metadata(tiny_pipe, tmp_path
         assert all(type(m).__module__.startswith(("torch", "diffusers", "transformers")) for m in model.modules())
 
 
+def test_a_trained_lora_file_gives_back_exactly_what_the_trainer_learnt(tiny_pipe, tmp_path, monkeypatch):
+    """The kohya export (names, alphas, conv and text-encoder layers) loses nothing: the studio's loader,
+    given the file, reproduces the PEFT-wrapped models' outputs at the end of training."""
+    import diffusers.utils.peft_utils as peft_utils
+
+    from studio.lora import load_lora
+    from studio.lora.inject import attach_lora, detach_lora
+    from studio.toyworld.lora_train import LoraTrainConfig, train_lora
+
+    ids = tiny_pipe.tokenizer(["a large red rngd circle in the centre, white background"], padding="max_length",
+                              max_length=77, return_tensors="pt").input_ids
+    x, t = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+
+    def outputs():
+        with torch.no_grad():
+            embedding = tiny_pipe.text_encoder(ids)[0]
+            return embedding, tiny_pipe.unet(x, t, embedding).sample
+
+    before, trained = outputs(), {}
+    unwrap = peft_utils.recurse_remove_peft_layers
+
+    def record_then_unwrap(model):  # the trainer unwraps the UNet, then the text encoder
+        trained.setdefault("outputs", outputs())
+        return unwrap(model)
+
+    monkeypatch.setattr(peft_utils, "recurse_remove_peft_layers", record_then_unwrap)
+    cfg = LoraTrainConfig(kind="style", subject="ringed", trigger="rngd", steps=3, batch_size=2, rank=2, lr=1e-2)
+    path = train_lora(tiny_pipe, cfg, tmp_path / "ringed.safetensors", progress=False)
+    attach_lora(tiny_pipe, load_lora(path), "reloaded")
+    try:
+        reloaded = outputs()
+    finally:
+        detach_lora(tiny_pipe, "reloaded")
+    for was, learnt, loaded in zip(before, trained["outputs"], reloaded):
+        change = (learnt - was).abs().max()
+        assert change > 1e-2  # training changed both outputs
+        # the file holds fp16 factors (kohya's convention): only their rounding is lost
+        assert (loaded - learnt).abs().max() < 0.01 * change, ((loaded - learnt).abs().max(), change)
+
+
+def test_object_loss_weights_cover_each_objects_box_and_nothing_else():
+    from studio.toyworld.lora_train import object_loss_weights
+    from studio.toyworld.render import Scene, ShapeObject
+
+    left = ShapeObject("circle", "red", "ringed", "large", cx=0.25, cy=0.5, radius=8.0)
+    right = ShapeObject("star", "blue", "ringed", "small", cx=0.75, cy=0.25, radius=4.0)
+    weights = object_loss_weights([Scene([left, right], "white"), Scene([], "grey")], 32, 5.0)
+    assert weights.shape == (2, 1, 32, 32)
+    # 8 px of 64 is 4 latent pixels each side of the centre (8, 16); 4 px is 2 each side of (24, 8)
+    assert weights[0, 0, 12:20, 4:12].eq(5.0).all() and weights[0, 0, 6:10, 22:26].eq(5.0).all()
+    assert weights[0].eq(5.0).sum() == 8 * 8 + 4 * 4
+    assert weights[1].eq(1.0).all()
+
+
+def test_an_object_weighted_lora_run_records_its_weight_in_the_file(tiny_pipe, tmp_path):
+    from studio.lora import inspect_lora
+    from studio.toyworld.lora_train import LoraTrainConfig, train_lora
+
+    cfg = LoraTrainConfig(kind="style", subject="ringed", trigger="rngd", steps=2, batch_size=2, rank=2,
+                          object_weight=4.0, prior_fraction=0.25)
+    info = inspect_lora(train_lora(tiny_pipe, cfg, tmp_path / "ringed.safetensors", progress=False))
+    recorded = json.loads(info.metadata["studio_train_config"])
+    assert (recorded["object_weight"], recorded["prior_fraction"]) == (4.0, 0.25)
+
+
 def test_lora_trainer_unet_only_leaves_the_text_encoder_out_of_the_file_and_says_so(tmp_path):
     from typer.testing import CliRunner
 
