@@ -246,6 +246,34 @@ def test_an_object_weighted_lora_run_records_its_weight_in_the_file(tiny_pipe, t
     assert (recorded["object_weight"], recorded["prior_fraction"]) == (4.0, 0.25)
 
 
+@pytest.mark.parametrize("option, value, message", [("object_weight", 0.0, "the object weight must be above 0"),
+                                                     ("prior_fraction", 1.0, "the prior fraction must be at least 0")])
+def test_a_bad_lora_training_option_is_refused_before_the_pipeline_is_touched(tiny_pipe, tmp_path, option, value,
+                                                                              message):
+    from studio.toyworld.lora_train import LoraTrainConfig, train_lora
+
+    cfg = LoraTrainConfig(kind="style", subject="ringed", trigger="rngd", steps=1, batch_size=2, rank=2,
+                          **{option: value})
+    with pytest.raises(ValueError, match=message):
+        train_lora(tiny_pipe, cfg, tmp_path / "ringed.safetensors", progress=False)
+    assert not (tmp_path / "ringed.safetensors").exists()
+    for model in (tiny_pipe.unet, tiny_pipe.text_encoder):
+        assert not any("lora" in n.lower() for n, _ in model.named_parameters())
+
+
+def test_train_lora_command_refuses_a_bad_option_in_one_sentence(tmp_path):
+    from typer.testing import CliRunner
+
+    from studio.cli import app
+
+    out = tmp_path / "ringed.safetensors"
+    result = CliRunner().invoke(app, ["toyworld", "train-lora", "--kind", "style", "--subject", "ringed", "--trigger",
+                                      "rngd", "--out", str(out), "--steps", "1", "--prior-fraction", "1.5"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "the prior fraction must be at least 0 and below 1" in result.output and "1.5" in result.output
+    assert not out.exists()
+
+
 def test_lora_trainer_unet_only_leaves_the_text_encoder_out_of_the_file_and_says_so(tmp_path):
     from typer.testing import CliRunner
 

@@ -99,6 +99,11 @@ def train_lora(pipe, cfg: LoraTrainConfig, out_path: Path, progress: bool = True
         raise ValueError(f"unknown shape {cfg.subject!r}")
     if cfg.kind == "style" and cfg.subject not in NOVEL_TEXTURES + BASE_TEXTURES:
         raise ValueError(f"unknown texture {cfg.subject!r}")
+    if not cfg.object_weight > 0:
+        raise ValueError(f"the object weight must be above 0, not {cfg.object_weight:g}")
+    if not 0 <= cfg.prior_fraction < 1:
+        raise ValueError(f"the prior fraction must be at least 0 and below 1 (1 would leave no scene of the "
+                         f"subject), not {cfg.prior_fraction:g}")
     torch.manual_seed(cfg.seed)
     unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
     for module in (unet, text_encoder, vae):
@@ -121,12 +126,8 @@ def train_lora(pipe, cfg: LoraTrainConfig, out_path: Path, progress: bool = True
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
         pred = unet(noise_scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
-        error = (pred - noise_scheduler.get_velocity(latents, noise, t)) ** 2
-        if cfg.object_weight == 1.0:
-            loss = error.mean()
-        else:
-            weights = object_loss_weights(scenes, latents.shape[-1], cfg.object_weight)
-            loss = (error * weights).mean() / weights.mean()
+        weights = object_loss_weights(scenes, latents.shape[-1], cfg.object_weight)  # all 1: the plain mean
+        loss = ((pred - noise_scheduler.get_velocity(latents, noise, t)) ** 2 * weights).mean() / weights.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for group in opt.param_groups:  # linear decay to 10 %
