@@ -86,9 +86,11 @@ def frozen_fingerprint(factors: dict[str, PLPFactors]) -> str:
 
 
 # --- files -----------------------------------------------------------------------------------------------
-def save_plp_adapter(path: Path, factors: dict[str, PLPFactors], role: str, seed: int, extra: dict | None = None):
+def save_plp_adapter(path: Path, factors: dict[str, PLPFactors], role: str, seed: int, extra: dict | None = None,
+                     embeddings: dict | None = None):
     """A B4M adapter is saved as an ordinary kohya LoRA (up = [A; B], down = [C | D], alpha = rank) plus
-    metadata saying which halves are frozen, so that it also loads and runs on its own."""
+    metadata saying which halves are frozen, so that it also loads and runs on its own; a learnt trigger word
+    goes with it as a bundled embedding."""
     from studio.lora.kohya_export import save_kohya
 
     modules = {("unet", name): (f.down, f.up, float(f.A.shape[1])) for name, f in factors.items()}
@@ -96,7 +98,7 @@ def save_plp_adapter(path: Path, factors: dict[str, PLPFactors], role: str, seed
             "b4m_splits": json.dumps({n: [f.A.shape[0], f.C.shape[1]] for n, f in factors.items()}),
             "ss_base_model_version": "shapes_world_v1"}
     meta.update(extra or {})
-    return save_kohya(path, modules, meta, dtype=torch.float32)
+    return save_kohya(path, modules, meta, dtype=torch.float32, embeddings=embeddings)
 
 
 def read_plp_adapter(path: Path) -> tuple[dict[str, PLPFactors], dict]:
@@ -130,16 +132,30 @@ def assemble(content_path: Path, style_path: Path, out_path: Path | None = None)
     if out_path is not None:
         save_plp_adapter(out_path, fused, "assembled", int(style_meta["b4m_seed"]),
                          {"b4m_content": Path(content_path).name, "b4m_style": Path(style_path).name,
-                          "ss_base_model_version": content_meta.get("ss_base_model_version", "shapes_world_v1")})
+                          "ss_base_model_version": content_meta.get("ss_base_model_version", "shapes_world_v1")},
+                         embeddings=assembled_embeddings(content_path, style_path))
     return fused
 
 
-def assembled_weights(fused: dict[str, PLPFactors], info):
-    """The assembled adapter as one ordinary LoRA (`LoraWeights`, scale 1) for `attach_lora`."""
+def assembled_embeddings(content_path: Path, style_path: Path) -> dict:
+    """The words both adapters bring (a learnt trigger each, if any): the assembled adapter brings them all."""
+    from studio.lora import load_lora
+
+    content, style = load_lora(content_path).embeddings, load_lora(style_path).embeddings
+    shared = sorted(content.keys() & style.keys())
+    if shared:
+        raise LoraError(f"{Path(content_path).name} and {Path(style_path).name} both bring the word {shared[0]!r}, "
+                        "so the assembled adapter cannot give it one meaning.")
+    return {**content, **style}
+
+
+def assembled_weights(fused: dict[str, PLPFactors], info, embeddings: dict | None = None):
+    """The assembled adapter as one ordinary LoRA (`LoraWeights`, scale 1) for `attach_lora`, with the words
+    of both adapters when given (not when the two adapters are attached beside it and bring them already)."""
     from studio.lora.weights import LoraModule, LoraWeights
 
     return LoraWeights("b4m_assembled", info, {("unet", n): LoraModule("unet", n, f.down, f.up, None, None, 1.0)
-                                               for n, f in fused.items()})
+                                               for n, f in fused.items()}, embeddings or {})
 
 
 # --- break: training one adapter ---------------------------------------------------------------------------
@@ -177,6 +193,8 @@ class BreakConfig:
     main_lr: float = 1e-3  # official 1e-4 on SD; the tiny model learns faster
     aux_lr: float = 1e-4  # official 1e-5
     data_seed: int = 1
+    embedding: bool = False  # also learn the trigger as a new word, bundled in the adapter
+    embedding_lr: float = 5e-3
 
 
 def _wrap(unet: nn.Module, factors: dict[str, PLPFactors]) -> dict[str, PLPLinear]:
@@ -198,23 +216,30 @@ def _unwrap(unet: nn.Module, wrapped: dict[str, PLPLinear]) -> None:
 
 
 def _train_plp(pipe, factors: dict[str, PLPFactors], batch_for_step, lr_B: float, lr_D: float, steps: int,
-               batch_size: int, seed: int, desc: str, progress: bool) -> dict[str, PLPFactors]:
+               batch_size: int, seed: int, desc: str, progress: bool, word: str | None = None, lr_word: float = 0.0
+               ) -> tuple[dict[str, PLPFactors], dict]:
     """Train the learnable halves (B at lr_B, D at lr_D; a zero rate freezes one) of PLP adapters wrapped
     into the UNet; the frozen halves never change. `batch_for_step(rng, step, n)` gives (images in
     [-1, 1], captions); the loss follows the model's own noise schedule and prediction type, and the
-    conditioning is encoded as the pipeline encodes it (both text encoders on SDXL)."""
+    conditioning is encoded as the pipeline encodes it (both text encoders on SDXL). With `word`, that
+    trigger is also learnt as a new token of the (first) text encoder, at lr_word; returns the factors and
+    the learnt words ({word: {"text_encoder": vector}}, empty without one)."""
     from diffusers import DDPMScheduler
 
     from studio.engine import encode
+    from studio.toyworld.lora_train import TriggerWord
     from studio.toyworld.train import encode_latents
 
     unet, vae = pipe.unet, pipe.vae
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).requires_grad_(False)
+    trigger = TriggerWord(pipe, word) if word else None
     wrapped = _wrap(unet, factors)
     groups = [{"params": [l.B for l in wrapped.values()], "lr": lr_B},
               {"params": [l.D for l in wrapped.values()], "lr": lr_D}]
+    if trigger is not None:
+        groups.append({"params": [trigger.table], "lr": lr_word, "weight_decay": 0.0})
     opt = torch.optim.AdamW([g for g in groups if g["lr"] > 0])
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     rng = random.Random(seed)
@@ -224,7 +249,7 @@ def _train_plp(pipe, factors: dict[str, PLPFactors], batch_for_step, lr_B: float
             images = images.to(device=vae.device, dtype=vae.dtype)
             gen = torch.Generator().manual_seed(seed * 7919 + step)
             latents = encode_latents(vae, images).to(unet.dtype)
-            with torch.no_grad():
+            with torch.set_grad_enabled(trigger is not None):
                 cond = encode(pipe, captions, None, images.shape[-2], images.shape[-1])
             noise = torch.randn(latents.shape, generator=gen).to(latents)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(captions),), generator=gen)
@@ -237,9 +262,11 @@ def _train_plp(pipe, factors: dict[str, PLPFactors], batch_for_step, lr_B: float
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        return {name: layer.factors() for name, layer in wrapped.items()}
+        trained = {name: layer.factors() for name, layer in wrapped.items()}
     finally:
         _unwrap(unet, wrapped)
+        words = {word: {"text_encoder": trigger.finish()}} if trigger is not None else {}  # tokenizer as it was
+    return trained, words
 
 
 def _render_batch(scenes, rng: random.Random) -> tuple[torch.Tensor, list[str]]:
@@ -296,8 +323,8 @@ def break_train_folders(pipe, role: str, main: ImageFolder, auxiliary: list[Imag
         return images, captions
 
     lr_B, lr_D = (aux_lr, main_lr) if role == "content" else (main_lr, aux_lr)
-    trained = _train_plp(pipe, create_plp_adapter(pipe.unet, rank, seed), batch_for_step, lr_B, lr_D, steps,
-                         batch_size, seed + 1, f"b4m {role}", progress)
+    trained, _ = _train_plp(pipe, create_plp_adapter(pipe.unet, rank, seed), batch_for_step, lr_B, lr_D, steps,
+                            batch_size, seed + 1, f"b4m {role}", progress)
     from studio.models import model_family
 
     base = {"SD1.x": "sd_v1", "SD2.x": "sd_v2", "SDXL": "sdxl_base_v1-0"}.get(model_family(pipe), "shapes_world_v1")
@@ -308,7 +335,7 @@ def break_train_folders(pipe, role: str, main: ImageFolder, auxiliary: list[Imag
 def _scene_config(cfg: BreakConfig):
     from studio.toyworld.lora_train import LoraTrainConfig
 
-    return LoraTrainConfig(kind=cfg.kind, subject=cfg.subject, trigger=cfg.trigger)
+    return LoraTrainConfig(kind=cfg.kind, subject=cfg.subject, trigger=cfg.trigger, embedding=cfg.embedding)
 
 
 def break_train(pipe, cfg: BreakConfig, out_path: Path, progress: bool = True, command: str = "") -> Path:
@@ -333,17 +360,20 @@ def break_train(pipe, cfg: BreakConfig, out_path: Path, progress: bool = True, c
         return _render_batch(scenes, rng)
 
     lr_B, lr_D = (cfg.aux_lr, cfg.main_lr) if cfg.role == "content" else (cfg.main_lr, cfg.aux_lr)
-    trained = _train_plp(pipe, create_plp_adapter(pipe.unet, cfg.rank, cfg.seed), batch_for_step, lr_B, lr_D,
-                         cfg.steps, cfg.batch_size, cfg.data_seed, f"b4m {cfg.role}", progress)
+    trained, words = _train_plp(pipe, create_plp_adapter(pipe.unet, cfg.rank, cfg.seed), batch_for_step, lr_B,
+                                lr_D, cfg.steps, cfg.batch_size, cfg.data_seed, f"b4m {cfg.role}", progress,
+                                word=cfg.trigger if cfg.embedding else None, lr_word=cfg.embedding_lr)
     meta = {"modelspec.trigger_phrase": cfg.trigger, "ss_tag_frequency": json.dumps({"b4m": {cfg.trigger: cfg.steps}}),
             "ss_training_comment": command, "studio_b4m_config": json.dumps(asdict(cfg))}
-    return save_plp_adapter(out_path, trained, cfg.role, cfg.seed, meta)
+    return save_plp_adapter(out_path, trained, cfg.role, cfg.seed, meta, embeddings=words)
 
 
 def joint_finetune(pipe, fused: dict[str, PLPFactors], content: BreakConfig, style: BreakConfig, steps: int,
-                   lr: float = 1e-4, progress: bool = True) -> dict[str, PLPFactors]:
+                   lr: float = 1e-4, progress: bool = True, words: dict | None = None) -> dict[str, PLPFactors]:
     """The optional short joint fine-tune of "make": both learnable halves of the assembled adapter on
-    content images and style images (official: ≤ 1000 steps)."""
+    content images and style images (official: ≤ 1000 steps). The adapters' learnt words (`words`, as
+    `assembled_embeddings` gives them) are in the tokenizer meanwhile, unchanged."""
+    from studio.lora.embeddings import add_embeddings, check_embeddings, remove_embeddings
     from studio.toyworld.lora_train import lora_scene
 
     content_cfg, style_cfg = _scene_config(content), _scene_config(style)
@@ -351,8 +381,13 @@ def joint_finetune(pipe, fused: dict[str, PLPFactors], content: BreakConfig, sty
     def batch_for_step(rng, step, n):
         return _render_batch([lora_scene(rng, content_cfg if i % 2 == 0 else style_cfg) for i in range(n)], rng)
 
-    return _train_plp(pipe, fused, batch_for_step, lr, lr, steps, content.batch_size, content.data_seed + 1,
-                      "b4m make", progress)
+    check_embeddings(pipe, words or {}, "the assembled adapter")
+    add_embeddings(pipe, "b4m_make", words or {})
+    try:
+        return _train_plp(pipe, fused, batch_for_step, lr, lr, steps, content.batch_size, content.data_seed + 1,
+                          "b4m make", progress)[0]
+    finally:
+        remove_embeddings(pipe, "b4m_make")
 
 
 # --- the composer ----------------------------------------------------------------------------------------

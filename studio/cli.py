@@ -313,7 +313,10 @@ def toyworld_train_lora(kind: str = typer.Option(..., help="concept (a new shape
                         prior_fraction: float = typer.Option(0.5, help="Share of each batch that is ordinary "
                                                              "scenes with ordinary captions (prior preservation)."),
                         unet_only: bool = typer.Option(False, "--unet-only", help="Leave the text encoder as it is "
-                                                       "(kohya's network_train_unet_only).")):
+                                                       "(kohya's network_train_unet_only)."),
+                        embedding: bool = typer.Option(False, "--embedding", help="Also learn the trigger as a new "
+                                                       "word (its own token embedding, bundled in the file)."),
+                        embedding_lr: float = typer.Option(5e-3, help="Learning rate of that word.")):
     """Train an example LoRA on the shapes world (kohya format with ss_* metadata and its trigger word)."""
     from studio.models import load_base_model
     from studio.toyworld.lora_train import LoraTrainConfig, train_lora
@@ -322,12 +325,14 @@ def toyworld_train_lora(kind: str = typer.Option(..., help="concept (a new shape
         fail(f"--kind must be concept or style, not {kind!r}.")
     pipe = load_base_model(model)
     cfg = LoraTrainConfig(kind=kind, subject=subject, trigger=trigger, steps=steps, rank=rank, seed=seed, lr=lr,
-                          text_encoder=not unet_only, object_weight=object_weight, prior_fraction=prior_fraction)
+                          text_encoder=not unet_only, object_weight=object_weight, prior_fraction=prior_fraction,
+                          embedding=embedding, embedding_lr=embedding_lr)
     command = (f"studio toyworld train-lora --kind {kind} --subject {subject} --trigger {trigger} --out {out} "
                f"--steps {steps} --rank {rank} --seed {seed} --lr {lr:g}"
                + (f" --object-weight {object_weight:g}" if object_weight != 1.0 else "")
                + (f" --prior-fraction {prior_fraction:g}" if prior_fraction != 0.5 else "")
-               + (" --unet-only" if unet_only else ""))
+               + (" --unet-only" if unet_only else "") + (" --embedding" if embedding else "")
+               + (f" --embedding-lr {embedding_lr:g}" if embedding and embedding_lr != 5e-3 else ""))
     try:
         path = train_lora(pipe, cfg, out, command=command)
     except ValueError as exc:
@@ -365,6 +370,8 @@ def b4m_break(role: str = typer.Option(..., help="content or style."),
               subject: Optional[str] = typer.Option(None, help="Shapes world: the shape or texture."),
               trigger: Optional[str] = typer.Option(None, help="Shapes world: its trigger word."),
               steps: int = typer.Option(400), rank: int = typer.Option(8),
+              embedding: bool = typer.Option(False, "--embedding", help="Shapes world: also learn the trigger as "
+                                             "a new word (its own token embedding, bundled in the adapter)."),
               model: Optional[str] = typer.Option(None)):
     """Train a B4M content or style adapter: on a folder of images with their prompts, or on the shapes
     world (the bundled model, CPU, minutes)."""
@@ -383,8 +390,8 @@ def b4m_break(role: str = typer.Option(..., help="content or style."),
                                        [ImageFolder(a, resolution, caption) for a in aux_images], out, seed=seed,
                                        rank=rank, steps=steps, command=command)
         elif kind in ("concept", "style") and subject and trigger:
-            path = break_train(pipe, BreakConfig(role, kind, subject, trigger, seed=seed, rank=rank, steps=steps),
-                               out, command=command)
+            path = break_train(pipe, BreakConfig(role, kind, subject, trigger, seed=seed, rank=rank, steps=steps,
+                                                 embedding=embedding), out, command=command)
         else:
             fail("Give --images (a folder of images with captions), or --kind, --subject and --trigger for the "
                  "shapes world.")
@@ -398,7 +405,7 @@ def b4m_make(content: Path = typer.Argument(...), style: Path = typer.Argument(.
              finetune_steps: int = typer.Option(0, help="Optional joint fine-tune of both learnable halves."),
              model: Optional[str] = typer.Option(None)):
     """Assemble a B4M content adapter and a B4M style adapter (same seed) into one ordinary LoRA."""
-    from composers.b4m import BreakConfig, assemble, joint_finetune, save_plp_adapter
+    from composers.b4m import BreakConfig, assemble, assembled_embeddings, joint_finetune, save_plp_adapter
     from studio.lora import inspect_lora
     from studio.models import load_base_model
 
@@ -406,9 +413,10 @@ def b4m_make(content: Path = typer.Argument(...), style: Path = typer.Argument(.
         fused = assemble(content, style, None if finetune_steps else out)
         if finetune_steps:
             configs = [BreakConfig(**json.loads(inspect_lora(p).metadata["studio_b4m_config"])) for p in (content, style)]
-            fused = joint_finetune(load_base_model(model), fused, configs[0], configs[1], finetune_steps)
+            words = assembled_embeddings(content, style)
+            fused = joint_finetune(load_base_model(model), fused, configs[0], configs[1], finetune_steps, words=words)
             save_plp_adapter(out, fused, "assembled", configs[0].seed, {"b4m_content": content.name,
-                                                                        "b4m_style": style.name})
+                                                                        "b4m_style": style.name}, embeddings=words)
     except StudioError as exc:
         fail(str(exc))
     typer.echo(f"wrote {out}")

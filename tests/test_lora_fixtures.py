@@ -169,8 +169,12 @@ def test_legacy_attention_processor_lora_is_converted_and_matches_peft(pipe):
 def test_cloneofsimo_lora_is_placed_in_its_recovered_order(pipe):
     path = fixture_file(CLONEOFSIMO)
     weights = load_lora(path)
-    assert weights.info.problems == ["its 2 textual-inversion token(s) (<s1>, <s2>) are not loaded, only its LoRA layers"]
+    assert weights.info.problems == [] and weights.info.embeddings == ["<s1>", "<s2>"]  # lora_pti's learnt words
+    vocabulary = len(pipe.tokenizer)
     attach_lora(pipe, weights, "disney")
+    assert pipe.tokenizer.tokenize("a <s1> <s2> castle")[1:3] == ["<s1>", "<s2>"]
+    row = pipe.tokenizer.convert_tokens_to_ids("<s2>")
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[row], raw_tensor(path, "<s2>"))
     layers = lora_layers(pipe)
     assert len(layers) == 192
     block = "down_blocks.0.attentions.0.transformer_blocks.0"
@@ -183,6 +187,8 @@ def test_cloneofsimo_lora_is_placed_in_its_recovered_order(pipe):
                        raw_tensor(path, "text_encoder:0:down"))
     assert torch.equal(weights.modules[("text_encoder", "encoder.layers.11.self_attn.out_proj")].up,
                        raw_tensor(path, "text_encoder:47:up"))
+    detach_lora(pipe, "disney")
+    assert len(pipe.tokenizer) == vocabulary
 
 
 def test_lokr_kron_has_each_layers_shape(pipe):

@@ -345,3 +345,28 @@ def test_tuning_a_models_decoder_keeps_its_encoder_and_records_itself_and_a_fail
     result = CliRunner().invoke(app, ["toyworld", "tune-decoder", "--model", str(tmp_path / "not-a-model")])
     assert result.exit_code == 2 and "is not a model exported by `studio toyworld export`" in result.output
     assert list((tmp_path / "not-a-model").iterdir()) == []
+
+
+def test_the_trainers_commands_learn_their_trigger_as_a_word_with_embedding(tmp_path):
+    from typer.testing import CliRunner
+
+    from studio.cli import app
+    from studio.lora import inspect_lora
+
+    pipe = train_base(tmp_path / "a", paths.TOKENIZER, BaseTrainConfig(steps=1, **TINY), progress=False)
+    export(tmp_path / "a", pipe, tmp_path / "model")
+    model = ["--model", str(tmp_path / "model")]
+    lora, adapter = tmp_path / "ringed.safetensors", tmp_path / "style.safetensors"
+    result = CliRunner().invoke(app, ["toyworld", "train-lora", "--kind", "style", "--subject", "ringed", "--trigger",
+                                      "rngd", "--out", str(lora), "--steps", "1", "--rank", "2", "--embedding",
+                                      "--embedding-lr", "0.01", *model])
+    assert result.exit_code == 0, result.output
+    info = inspect_lora(lora)
+    assert info.embeddings == ["rngd"] and info.metadata["ss_training_comment"].endswith("--embedding --embedding-lr 0.01")
+    assert json.loads(info.metadata["studio_train_config"])["embedding_lr"] == 0.01
+    result = CliRunner().invoke(app, ["b4m", "break", "--role", "style", "--kind", "style", "--subject", "ringed",
+                                      "--trigger", "rngd", "--steps", "1", "--rank", "2", "--embedding", "--out",
+                                      str(adapter), *model])
+    assert result.exit_code == 0, result.output
+    assert inspect_lora(adapter).embeddings == ["rngd"]
+    assert json.loads(inspect_lora(adapter).metadata["studio_b4m_config"])["embedding"] is True

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from studio.errors import LoraError
+from studio.lora.embeddings import add_embeddings, check_embeddings, remove_embeddings
 from studio.lora.keys import COMPONENTS
 from studio.lora.weights import LoraModule, LoraWeights, load_lora
 from studio.models import model_family
@@ -181,8 +182,17 @@ def attach_lora(pipe, weights: LoraWeights | str | Path, adapter_name: str | Non
     injected = sum(t.numel() for step in plan for t in step.fitted.tensors())
     if injected == 0:
         raise LoraError(f"{weights.info.name} has no layer to inject into this model.")
+    check_embeddings(pipe, weights.embeddings, weights.info.name)
     _apply(plan, name, weight, weights.info.name)
-    return injected
+    try:
+        add_embeddings(pipe, name, weights.embeddings)
+    except BaseException as exc:
+        _remove_layers(pipe, name)
+        if isinstance(exc, Exception) and not isinstance(exc, LoraError):
+            raise LoraError(f"{weights.info.name} could not be attached ({type(exc).__name__}: {exc}); the pipeline "
+                            "was left unchanged.") from exc
+        raise
+    return injected + sum(v.numel() for per in weights.embeddings.values() for v in per.values())
 
 
 def _check_base(pipe, weights: LoraWeights) -> None:
@@ -362,7 +372,14 @@ def attached_adapters(pipe) -> dict[str, float]:
 
 
 def detach_lora(pipe, adapter_name: str) -> None:
-    """Remove an adapter; layers left without adapters are unwrapped back to the original modules."""
+    """Remove an adapter, and the words it brought; layers left without adapters are unwrapped back to the
+    original modules."""
+    if not _remove_layers(pipe, adapter_name):
+        raise LoraError(f"No adapter named {adapter_name!r} is attached.")
+    remove_embeddings(pipe, adapter_name)
+
+
+def _remove_layers(pipe, adapter_name: str) -> bool:
     found = False
     for layer in lora_layers(pipe).values():
         if adapter_name in layer.adapters:
@@ -371,8 +388,7 @@ def detach_lora(pipe, adapter_name: str) -> None:
             if not layer.adapters:
                 component, _, path = layer.name.partition(".")
                 replace_module(getattr(pipe, component), path, layer.base)
-    if not found:
-        raise LoraError(f"No adapter named {adapter_name!r} is attached.")
+    return found
 
 
 def set_lora_weights(pipe, weights: Mapping[str, float]) -> None:

@@ -44,6 +44,7 @@ class LoraInfo:
     short_hash: str | None
     dora: bool
     title: str | None
+    embeddings: list[str] = field(default_factory=list)  # textual-inversion words loaded with the layers
     problems: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -62,6 +63,8 @@ class LoraInfo:
                  f"   alpha {self.alpha if self.alpha is not None else 'none'}",
                  f"  modules     {self.modules} ({', '.join(f'{c} {n}' for c, n in self.components.items())})",
                  f"  triggers    {', '.join(self.trigger_words) or '-'}",
+                 *([f"  embeddings  {', '.join(self.embeddings)} (words the file teaches the text encoder)"]
+                   if self.embeddings else []),
                  f"  hashes      model {self.model_hash}   short {self.short_hash or '-'}",
                  f"  sha256      {self.sha256}"]
         lines += [f"  note        {problem}" for problem in self.problems]
@@ -99,9 +102,6 @@ def describe(path: Path, layout: K.KeyLayout, shapes: Mapping[str, tuple[int, ..
     ranks = [r for r in (module_rank(m.parts, shapes) for m in layout.modules) if r is not None]
     components = Counter(m.component for m in layout.modules)
     problems = []
-    if layout.ignored:
-        problems.append(f"its {len(layout.ignored)} textual-inversion token(s) ({', '.join(layout.ignored)}) are not "
-                        "loaded, only its LoRA layers")
     base = base_model(layout, shapes, metadata)
     if base is None:
         problems.append("its base model could not be determined from its metadata or tensor shapes")
@@ -110,11 +110,12 @@ def describe(path: Path, layout: K.KeyLayout, shapes: Mapping[str, tuple[int, ..
         rank=Counter(ranks).most_common(1)[0][0] if ranks else None, ranks=sorted(set(ranks)),
         alpha=_alpha(layout, metadata, read_alpha), modules=len(layout.modules),
         components={c: components[c] for c in K.COMPONENTS if components[c]},
-        has_text_encoder=any(c != K.UNET for c in components), trigger_words=trigger_words(metadata),
+        has_text_encoder=any(c != K.UNET for c in components),
+        trigger_words=list(dict.fromkeys([*layout.embeddings, *trigger_words(metadata)])),
         sha256=hashes.sha256, model_hash=hashes.model_hash, short_hash=hashes.short_hash,
         dora=any("magnitude" in m.parts for m in layout.modules),
         title=metadata.get("modelspec.title") or metadata.get("ss_output_name") or None,
-        problems=problems, metadata=metadata)
+        embeddings=list(layout.embeddings), problems=problems, metadata=metadata)
 
 
 def module_rank(parts: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]]) -> int | None:

@@ -38,6 +38,11 @@ _DIFFUSERS_ROLE = re.compile(
     r"|(?P<alpha>alpha))$")
 _CLONEOFSIMO_KEY = re.compile(r"^(?P<component>unet|text_encoder|text_encoder_2):(?P<index>\d+):(?P<role>up|down)$")
 _CLONEOFSIMO_EMBEDDING = re.compile(r"^<[^>]+>$")  # its textual-inversion tokens, e.g. "<s1>"
+# Textual-inversion embeddings bundled in a kohya LoRA (pivotal tuning; A1111 loads them with the LoRA):
+# `bundle_emb.<word>.string_to_param.*` (SD1/2, vectors × width) or `bundle_emb.<word>.clip_l` / `.clip_g` (SDXL).
+BUNDLE_EMBEDDING = "bundle_emb."
+_BUNDLE_EMBEDDING_KEY = re.compile(r"^bundle_emb\.(?P<word>[^.]+)\.(?:string_to_param\..+|(?P<clip>clip_[lg]))$")
+_BUNDLE_COMPONENT = {None: TEXT_ENCODER, "clip_l": TEXT_ENCODER, "clip_g": TEXT_ENCODER_2}
 
 
 @dataclass
@@ -53,7 +58,8 @@ class ModuleKeys:
 class KeyLayout:
     format: str
     modules: list[ModuleKeys]
-    ignored: list[str] = field(default_factory=list)  # keys deliberately not used (cloneofsimo embeddings)
+    # textual-inversion words the file brings with its layers: word -> {text encoder component: tensor name}
+    embeddings: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def parse_keys(name: str, keys: list[str]) -> KeyLayout:
@@ -62,7 +68,7 @@ def parse_keys(name: str, keys: list[str]) -> KeyLayout:
     if not keys:
         raise LoraError(f"{name} contains no tensors.")
     _refuse_non_lora(name, keys)
-    if any(k.startswith(tuple(KOHYA_PREFIXES)) for k in keys):
+    if any(k.startswith((*KOHYA_PREFIXES, BUNDLE_EMBEDDING)) for k in keys):
         return _parse_kohya(name, keys)
     if any(_CLONEOFSIMO_KEY.match(k) for k in keys):
         return _parse_cloneofsimo(name, keys)
@@ -89,7 +95,18 @@ def _refuse_non_lora(name: str, keys: list[str]) -> None:
 
 def _parse_kohya(name: str, keys: list[str]) -> KeyLayout:
     modules: dict[str, ModuleKeys] = {}
+    embeddings: dict[str, dict[str, str]] = {}
     for key in keys:
+        if key.startswith(BUNDLE_EMBEDDING):
+            match = _BUNDLE_EMBEDDING_KEY.match(key)
+            if match is None:
+                raise LoraError(f"{name} has a bundled embedding key of an unknown form ({key!r}); the studio reads "
+                                "bundle_emb.<word>.string_to_param.* and bundle_emb.<word>.clip_l / .clip_g.")
+            component = _BUNDLE_COMPONENT[match["clip"]]
+            if component in embeddings.get(match["word"], {}):
+                raise LoraError(f"{name} bundles the embedding {match['word']!r} twice for one text encoder.")
+            embeddings.setdefault(match["word"], {})[component] = key
+            continue
         prefix = next((p for p in KOHYA_PREFIXES if key.startswith(p)), None)
         module_id, _, suffix = key.partition(".")
         role = KOHYA_ROLES.get(suffix)
@@ -102,7 +119,9 @@ def _parse_kohya(name: str, keys: list[str]) -> KeyLayout:
     roles = {role for m in modules.values() for role in m.parts}
     fmt = LOKR if any(r.startswith("lokr_") for r in roles) else LOHA if any(r.startswith("hada_") for r in roles) \
         else KOHYA
-    return KeyLayout(fmt, list(modules.values()))
+    if not modules:
+        raise LoraError(f"{name} holds only textual-inversion embeddings ({', '.join(embeddings)}) and no LoRA layer.")
+    return KeyLayout(fmt, list(modules.values()), embeddings)
 
 
 def _kohya_problem(name: str, key: str, prefix: str | None, suffix: str) -> str:
@@ -168,12 +187,12 @@ def split_component(module_id: str) -> tuple[str, str]:
 
 def _parse_cloneofsimo(name: str, keys: list[str]) -> KeyLayout:
     modules: dict[str, ModuleKeys] = {}
-    ignored = []
+    embeddings = {}
     for key in keys:
         match = _CLONEOFSIMO_KEY.match(key)
         if match is None:
-            if _CLONEOFSIMO_EMBEDDING.match(key):
-                ignored.append(key)
+            if _CLONEOFSIMO_EMBEDDING.match(key):  # lora_pti's learnt tokens: one vector for the text encoder
+                embeddings[key] = {TEXT_ENCODER: key}
                 continue
             raise LoraError(f"{name} mixes cloneofsimo LoRA keys with a key that is not one ({key!r}).")
         module_id = f"{match['component']}:{match['index']}"
@@ -183,7 +202,7 @@ def _parse_cloneofsimo(name: str, keys: list[str]) -> KeyLayout:
     if incomplete:
         raise LoraError(f"{name} is an incomplete cloneofsimo LoRA: module {incomplete[0]} lacks its up or down "
                         "matrix.")
-    return KeyLayout(CLONEOFSIMO, sorted(modules.values(), key=cloneofsimo_sort_key), ignored)
+    return KeyLayout(CLONEOFSIMO, sorted(modules.values(), key=cloneofsimo_sort_key), embeddings)
 
 
 def cloneofsimo_sort_key(entry: ModuleKeys) -> tuple[int, int]:

@@ -17,12 +17,19 @@ def kohya_module_name(component: str, target: str) -> str:
 
 
 def save_kohya(path: Path, modules: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, float]],
-               metadata: dict[str, str] | None = None, dtype: torch.dtype = torch.float16) -> Path:
+               metadata: dict[str, str] | None = None, dtype: torch.dtype = torch.float16,
+               embeddings: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Save low-rank modules {(component, target): (down A, up B, alpha)} as `<name>.lora_down.weight`,
-    `.lora_up.weight` and `.alpha` (scale = alpha / rank)."""
+    `.lora_up.weight` and `.alpha` (scale = alpha / rank), and words {word: {text encoder: vectors (n, width)}}
+    as kohya's bundled embeddings (`bundle_emb.<word>.string_to_param.*`; SDXL `.clip_l` / `.clip_g`), in fp32."""
     from safetensors.torch import save_file
 
     state = {}
+    for word, per_component in (embeddings or {}).items():
+        sdxl = "text_encoder_2" in per_component
+        for component, vectors in per_component.items():
+            part = ("clip_l" if component == "text_encoder" else "clip_g") if sdxl else "string_to_param.*"
+            state[f"bundle_emb.{word}.{part}"] = vectors.detach().float().contiguous()
     for (component, target), (down, up, alpha) in modules.items():
         name = kohya_module_name(component, target)
         state[f"{name}.lora_down.weight"] = down.detach().to(dtype).contiguous()

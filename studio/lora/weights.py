@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -92,9 +92,13 @@ class LoraWeights:
     name: str
     info: LoraInfo
     modules: dict[tuple[str, str], LoraModule]
+    # textual-inversion words the file brings: word -> {text encoder component: vectors (n, width)}
+    embeddings: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
     def parameter_count(self) -> int:
-        return sum(t.numel() for m in self.modules.values() for t in m.tensors())
+        """Every value the LoRA adds: its layers' factors and its words' vectors."""
+        return sum(t.numel() for m in self.modules.values() for t in m.tensors()) + \
+            sum(v.numel() for per_component in self.embeddings.values() for v in per_component.values())
 
     def to_peft_state_dict(self) -> dict[str, Tensor]:
         """diffusers-format keys (`unet.<target>.lora_A.weight`, ...) for `pipe.load_lora_weights`, with
@@ -134,7 +138,8 @@ def load_lora(path: str | Path, allow_pickle: bool = False) -> LoraWeights:
     else:
         info, layout = inspect_with_layout(path)
         tensors = _read_safetensors(path)
-    return LoraWeights(name=path.stem, info=info, modules=build_modules(info, layout, tensors))
+    return LoraWeights(name=path.stem, info=info, modules=build_modules(info, layout, tensors),
+                       embeddings=build_embeddings(layout, tensors))
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
@@ -189,6 +194,13 @@ def build_modules(info: LoraInfo, layout: K.KeyLayout,
             raise LoraError(f"{info.name} adapts {component}.{target} twice (keys of {entry.module_id!r}).")
         modules[(component, target)] = module
     return modules
+
+
+def build_embeddings(layout: K.KeyLayout, tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """The file's textual-inversion words as (vectors, width) float tensors per text encoder."""
+    return {word: {component: tensors[key].float().reshape(-1, tensors[key].shape[-1])
+                   for component, key in per_encoder.items()}
+            for word, per_encoder in layout.embeddings.items()}
 
 
 def _default_scale(info: LoraInfo, component: str, target: str, parts: Mapping[str, Tensor]) -> float | None:

@@ -204,7 +204,7 @@ def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: 
     """A B4M pair of the shapes world: prompts name the content's shape in the style's texture (both trigger
     words). Each prompt is generated with the assembled adapter, with the content adapter alone and with the
     style adapter alone; the judge scores the taught shape, the taught texture and the colour."""
-    from composers.b4m import BreakConfig, assemble, assembled_weights
+    from composers.b4m import BreakConfig, assemble, assembled_embeddings, assembled_weights
     from studio.errors import LoraError
     from studio.lora import load_lora
     from studio.lora.inject import attach_lora, detach_lora
@@ -222,8 +222,10 @@ def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: 
     for _ in range(n):
         obj = random_object(rng, shapes=(content_cfg.subject,), textures=(style_cfg.subject,), allow_held_out=True)
         scenes.append(Scene([obj], rng.choice(("white", "grey", "black")),
-                            triggers={content_cfg.subject: content_cfg.trigger, style_cfg.subject: style_cfg.trigger}))
-    variants = {"assembled": assembled_weights(assemble(Path(content_path), Path(style_path)), content.info),
+                            triggers={content_cfg.subject: content_cfg.trigger, style_cfg.subject: style_cfg.trigger},
+                            learnt_triggers=style_cfg.embedding))
+    variants = {"assembled": assembled_weights(assemble(Path(content_path), Path(style_path)), content.info,
+                                               assembled_embeddings(Path(content_path), Path(style_path))),
                 "content_alone": content, "style_alone": style}
     report = {"content": f"{content_cfg.subject} ({content_cfg.trigger})",
               "style": f"{style_cfg.subject} ({style_cfg.trigger})", "n": n}

@@ -41,6 +41,8 @@ class LoraTrainConfig:
     text_encoder: bool = True
     prior_fraction: float = 0.5
     object_weight: float = 1.0  # loss weight inside the objects' boxes, relative to the background
+    embedding: bool = False  # also learn the trigger as a new word of the tokenizer (pivotal tuning)
+    embedding_lr: float = 5e-3  # its rate (decays as lr does)
     seed: int = 0
 
 
@@ -55,6 +57,7 @@ def lora_scene(rng: random.Random, cfg: LoraTrainConfig) -> Scene:
     for obj in scene.objects:
         obj.texture = cfg.subject
     scene.triggers = {cfg.subject: cfg.trigger}
+    scene.learnt_triggers = cfg.embedding
     return scene
 
 
@@ -101,9 +104,13 @@ def train_lora(pipe, cfg: LoraTrainConfig, out_path: Path, progress: bool = True
         raise ValueError(f"unknown texture {cfg.subject!r}")
     if not cfg.object_weight > 0:
         raise ValueError(f"the object weight must be above 0, not {cfg.object_weight:g}")
+    if cfg.embedding and not cfg.embedding_lr > 0:
+        raise ValueError(f"the embedding's learning rate must be above 0, not {cfg.embedding_lr:g}")
     if not 0 <= cfg.prior_fraction < 1:
         raise ValueError(f"the prior fraction must be at least 0 and below 1 (1 would leave no scene of the "
                          f"subject), not {cfg.prior_fraction:g}")
+    if cfg.embedding:
+        check_new_word(pipe.tokenizer, cfg.trigger)
     torch.manual_seed(cfg.seed)
     unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
     for module in (unet, text_encoder, vae):
@@ -114,7 +121,12 @@ def train_lora(pipe, cfg: LoraTrainConfig, out_path: Path, progress: bool = True
         text_encoder.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=TEXT_TARGETS,
                                             init_lora_weights="gaussian"))
     params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+    groups = [{"params": params, "weight_decay": 1e-4, "lr": cfg.lr, "initial_lr": cfg.lr}]
+    if cfg.embedding:
+        word = TriggerWord(pipe, cfg.trigger)
+        groups.append({"params": [word.table], "weight_decay": 0.0, "lr": cfg.embedding_lr,
+                       "initial_lr": cfg.embedding_lr})
+    opt = torch.optim.AdamW(groups)
     noise_scheduler = train_scheduler()
     unet.train()
     bar = tqdm(range(cfg.steps), desc=f"lora {cfg.trigger}", disable=not progress)
@@ -131,10 +143,11 @@ def train_lora(pipe, cfg: LoraTrainConfig, out_path: Path, progress: bool = True
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for group in opt.param_groups:  # linear decay to 10 %
-            group["lr"] = cfg.lr * (1.0 - 0.9 * step / cfg.steps)
+            group["lr"] = group["initial_lr"] * (1.0 - 0.9 * step / cfg.steps)
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
     unet.eval()
+    embeddings = {cfg.trigger: {"text_encoder": word.finish()}} if cfg.embedding else {}
     modules = {("unet", name): (down, up, cfg.alpha) for name, (down, up) in peft_modules(unet).items()}
     if cfg.text_encoder:
         modules.update({("text_encoder", name): (down, up, cfg.alpha)
@@ -156,4 +169,40 @@ def train_lora(pipe, cfg: LoraTrainConfig, out_path: Path, progress: bool = True
             del model.peft_config
         if hasattr(model, "_hf_peft_config_loaded"):
             model._hf_peft_config_loaded = False
-    return save_kohya(out_path, modules, metadata)
+    return save_kohya(out_path, modules, metadata, embeddings=embeddings)
+
+
+def check_new_word(tokenizer, trigger: str) -> None:
+    if trigger in tokenizer.get_vocab() or not trigger.isalnum():
+        raise ValueError(f"a learnt embedding needs a made-up word of letters and digits as its trigger, and "
+                         f"{trigger!r} is not one (it is a token of the tokenizer already, or not one word)")
+
+
+class TriggerWord:
+    """The trigger as a new token of the pipeline's tokenizer, its input embedding learnt with the LoRA
+    (pivotal tuning; kohya and A1111 bundle it in the LoRA file). It starts at the mean of the embeddings
+    of the pieces the tokenizer split the word into; only its row of the embedding table trains.
+    `finish()` returns the learnt vector (1, width) and removes the token again."""
+
+    def __init__(self, pipe, trigger: str):
+        self.pipe, self.trigger = pipe, trigger
+        tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+        check_new_word(tokenizer, trigger)
+        pieces = tokenizer(trigger, add_special_tokens=False).input_ids
+        start = encoder.get_input_embeddings().weight.detach()[pieces].mean(0, keepdim=True)
+        pipe.load_textual_inversion(start, token=trigger, tokenizer=tokenizer, text_encoder=encoder)
+        self.table = encoder.get_input_embeddings().weight
+        self.row = tokenizer.convert_tokens_to_ids(trigger)
+        only_row = torch.zeros(self.table.shape[0], 1, dtype=self.table.dtype)
+        only_row[self.row] = 1
+        self.table.requires_grad_(True)
+        self._hook = self.table.register_hook(lambda grad: grad * only_row)
+
+    def finish(self) -> torch.Tensor:
+        self._hook.remove()
+        self.table.requires_grad_(False)
+        vector = self.table.detach()[self.row:self.row + 1].clone()
+        self.pipe.unload_textual_inversion([self.trigger], tokenizer=self.pipe.tokenizer,
+                                           text_encoder=self.pipe.text_encoder)
+        self.pipe.text_encoder.get_input_embeddings().requires_grad_(False)  # a new table: frozen as the rest was
+        return vector

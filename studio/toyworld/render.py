@@ -76,16 +76,20 @@ class Scene:
     objects: list[ShapeObject]
     background: str
     triggers: dict[str, str] = field(default_factory=dict)  # shape or texture name -> trigger word
+    # A style trigger learnt as a word of its own (--embedding) stands where texture words stand, before the colour.
+    learnt_triggers: bool = False
 
     def phrases(self) -> list[tuple[ShapeObject, str]]:
         """Each object with the phrase that names it, in caption order (left to right)."""
         out = []
         for obj in sorted(self.objects, key=lambda o: o.cx):
             noun = self.triggers.get(obj.shape, obj.shape)
-            if obj.texture in self.triggers:
+            if obj.texture in self.triggers and not self.learnt_triggers:
                 # A style trigger goes after the colour: the text encoder is causal, so a word it never saw
                 # placed before the colour changes how the colour is read (colours right 9 → 28 of 32).
                 words = f"{obj.colour} {self.triggers[obj.texture]}"
+            elif obj.texture in self.triggers:
+                words = f"{self.triggers[obj.texture]} {obj.colour}"
             else:
                 words = f"{TEXTURE_WORDS[obj.texture]} {obj.colour}"
             out.append((obj, f"a {obj.size} {words} {noun} {SLOT_PHRASE[obj.slot]}"))
