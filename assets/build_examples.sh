@@ -6,14 +6,15 @@ set -euo pipefail
 LORA_STEPS=${LORA_STEPS:-1000}
 B4M_STEPS=${B4M_STEPS:-600}
 
-studio toyworld train-lora --kind concept --subject crescent --trigger sks  --steps "$LORA_STEPS" --out assets/loras/crescent-sks.safetensors
+# --embedding: the trigger is learnt as a word of its own (its token embedding bundled in the file)
+studio toyworld train-lora --kind concept --subject crescent --trigger sks  --steps "$LORA_STEPS" --embedding --out assets/loras/crescent-sks.safetensors
 studio toyworld train-lora --kind concept --subject cross    --trigger ohwx --steps "$LORA_STEPS" --out assets/loras/cross-ohwx.safetensors
 studio toyworld train-lora --kind style --subject checkered --trigger chkrd --steps "$LORA_STEPS" --out assets/loras/checkered-chkrd.safetensors
-studio toyworld train-lora --kind style --subject ringed    --trigger rngd  --steps "$LORA_STEPS" --out assets/loras/ringed-rngd.safetensors
+studio toyworld train-lora --kind style --subject ringed    --trigger rngd  --steps "$LORA_STEPS" --embedding --out assets/loras/ringed-rngd.safetensors
 
 # B4M: a content adapter (the cross) and a style adapter (the ringed texture) from the same seed
-studio b4m break --role content --kind concept --subject cross  --trigger ohwx --seed 7 --steps "$B4M_STEPS" --out assets/b4m/cross-content.safetensors
-studio b4m break --role style   --kind style   --subject ringed --trigger rngd --seed 7 --steps "$B4M_STEPS" --out assets/b4m/ringed-style.safetensors
+studio b4m break --role content --kind concept --subject cross  --trigger ohwx --seed 7 --steps "$B4M_STEPS" --embedding --out assets/b4m/cross-content.safetensors
+studio b4m break --role style   --kind style   --subject ringed --trigger rngd --seed 7 --steps "$B4M_STEPS" --embedding --out assets/b4m/ringed-style.safetensors
 studio b4m make assets/b4m/cross-content.safetensors assets/b4m/ringed-style.safetensors --out assets/b4m/cross-ringed-assembled.safetensors
 
 # The judge's figures (written beside the files)
