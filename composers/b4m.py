@@ -234,16 +234,16 @@ def _train_plp(pipe, factors: dict[str, PLPFactors], batch_for_step, lr_B: float
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).requires_grad_(False)
-    trigger = TriggerWord(pipe, word) if word else None
-    wrapped = _wrap(unet, factors)
-    groups = [{"params": [l.B for l in wrapped.values()], "lr": lr_B},
-              {"params": [l.D for l in wrapped.values()], "lr": lr_D}]
-    if trigger is not None:
-        groups.append({"params": [trigger.table], "lr": lr_word, "weight_decay": 0.0})
-    opt = torch.optim.AdamW([g for g in groups if g["lr"] > 0])
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    rng = random.Random(seed)
+    wrapped, trigger = _wrap(unet, factors), None
     try:
+        trigger = TriggerWord(pipe, word) if word else None
+        groups = [{"params": [l.B for l in wrapped.values()], "lr": lr_B},
+                  {"params": [l.D for l in wrapped.values()], "lr": lr_D}]
+        if trigger is not None:
+            groups.append({"params": [trigger.table], "lr": lr_word, "weight_decay": 0.0})
+        opt = torch.optim.AdamW([g for g in groups if g["lr"] > 0])
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        rng = random.Random(seed)
         for step in tqdm(range(steps), desc=desc, disable=not progress):
             images, captions = batch_for_step(rng, step, batch_size)
             images = images.to(device=vae.device, dtype=vae.dtype)
@@ -342,7 +342,7 @@ def break_train(pipe, cfg: BreakConfig, out_path: Path, progress: bool = True, c
     """Train one PLP adapter on the shapes world. Content: D on images of the concept while B (at the low
     aux rate) sees auxiliary style sets (plain scenes, one base texture per batch); style: B on images in
     the style while D (aux rate) sees plain scenes."""
-    from studio.toyworld.lora_train import lora_scene
+    from studio.toyworld.lora_train import check_new_word, lora_scene
     from studio.toyworld.render import BASE_TEXTURES, random_scene
 
     scene_cfg = _scene_config(cfg)
@@ -359,6 +359,8 @@ def break_train(pipe, cfg: BreakConfig, out_path: Path, progress: bool = True, c
                 scenes.append(scene)
         return _render_batch(scenes, rng)
 
+    if cfg.embedding:
+        check_new_word(pipe.tokenizer, cfg.trigger)
     lr_B, lr_D = (cfg.aux_lr, cfg.main_lr) if cfg.role == "content" else (cfg.main_lr, cfg.aux_lr)
     trained, words = _train_plp(pipe, create_plp_adapter(pipe.unet, cfg.rank, cfg.seed), batch_for_step, lr_B,
                                 lr_D, cfg.steps, cfg.batch_size, cfg.data_seed, f"b4m {cfg.role}", progress,

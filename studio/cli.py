@@ -395,7 +395,7 @@ def b4m_break(role: str = typer.Option(..., help="content or style."),
         else:
             fail("Give --images (a folder of images with captions), or --kind, --subject and --trigger for the "
                  "shapes world.")
-    except StudioError as exc:
+    except (StudioError, ValueError) as exc:
         fail(str(exc))
     typer.echo(f"wrote {path}")
 
@@ -425,14 +425,17 @@ def b4m_make(content: Path = typer.Argument(...), style: Path = typer.Argument(.
 @b4m.command("evaluate")
 def b4m_evaluate(content: Path = typer.Argument(..., help="B4M content adapter (shapes world)."),
                  style: Path = typer.Argument(..., help="B4M style adapter made with the same seed."),
-                 n: int = typer.Option(16), steps: int = typer.Option(20), guidance: float = typer.Option(5.0)):
+                 n: int = typer.Option(16), steps: int = typer.Option(20), guidance: float = typer.Option(5.0),
+                 assembled: Optional[Path] = typer.Option(None, help="Score this file of `studio b4m make` (e.g. "
+                                                           "after --finetune-steps) as the assembled adapter.")):
     """Score a shapes-world B4M pair with the judge: the content's shape in the style's texture, assembled,
     against each adapter alone."""
     from studio.models import load_base_model
     from studio.toyworld.evaluate import evaluate_b4m
 
     try:
-        report = evaluate_b4m(load_base_model(), content, style, n=n, steps=steps, guidance=guidance)
+        report = evaluate_b4m(load_base_model(), content, style, n=n, steps=steps, guidance=guidance,
+                              assembled_path=assembled)
     except StudioError as exc:
         fail(str(exc))
     typer.echo(json.dumps(report, indent=1))

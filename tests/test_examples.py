@@ -109,3 +109,16 @@ def test_b4m_evaluate_refuses_an_ordinary_lora_in_one_sentence():
     assert result.exit_code == 2
     assert "crescent-sks.safetensors is not a shapes-world B4M adapter" in result.output
     assert result.output.count("\n") == 1
+
+
+def test_b4m_evaluation_scores_a_made_file_as_the_assembled_adapter_and_refuses_one_that_is_not(shapes_pipe):
+    from studio.errors import LoraError
+    from studio.toyworld.evaluate import evaluate_b4m
+
+    content, style = paths.EXAMPLE_B4M / "cross-content.safetensors", paths.EXAMPLE_B4M / "ringed-style.safetensors"
+    made = paths.EXAMPLE_B4M / "cross-ringed-assembled.safetensors"
+    report = evaluate_b4m(shapes_pipe, content, style, n=1, steps=2, assembled_path=made)
+    assert report["assembled_from"] == str(made)
+    assert set(report["assembled"]) == {"shape_right", "texture_right", "content_in_style"}
+    with pytest.raises(LoraError, match="cross-content.safetensors is not an assembled B4M adapter"):
+        evaluate_b4m(shapes_pipe, content, style, n=1, steps=2, assembled_path=content)

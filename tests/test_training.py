@@ -370,3 +370,8 @@ def test_the_trainers_commands_learn_their_trigger_as_a_word_with_embedding(tmp_
     assert result.exit_code == 0, result.output
     assert inspect_lora(adapter).embeddings == ["rngd"]
     assert json.loads(inspect_lora(adapter).metadata["studio_b4m_config"])["embedding"] is True
+    known = CliRunner().invoke(app, ["b4m", "break", "--role", "style", "--kind", "style", "--subject", "ringed",
+                                     "--trigger", "a", "--steps", "1", "--rank", "2", "--embedding", "--out",
+                                     str(tmp_path / "never.safetensors"), *model])
+    assert known.exit_code == 2 and known.output.count("\n") == 1
+    assert "a learnt embedding needs a made-up word" in known.output and not (tmp_path / "never.safetensors").exists()

@@ -200,10 +200,11 @@ def evaluate_lora(pipe, lora_path, judge: Judge | None = None, n: int = 32, step
 
 
 def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: int = 16, steps: int = 20,
-                 guidance: float = 5.0, seed: int = 6072) -> dict:
+                 guidance: float = 5.0, seed: int = 6072, assembled_path=None) -> dict:
     """A B4M pair of the shapes world: prompts name the content's shape in the style's texture (both trigger
-    words). Each prompt is generated with the assembled adapter, with the content adapter alone and with the
-    style adapter alone; the judge scores the taught shape, the taught texture and the colour."""
+    words). Each prompt is generated with the assembled adapter (assembled here, or `assembled_path`: a file of
+    `studio b4m make`, e.g. after its joint fine-tune), with the content adapter alone and with the style
+    adapter alone; the judge scores the taught shape, the taught texture and the colour."""
     from composers.b4m import BreakConfig, assemble, assembled_embeddings, assembled_weights
     from studio.errors import LoraError
     from studio.lora import load_lora
@@ -224,11 +225,18 @@ def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: 
         scenes.append(Scene([obj], rng.choice(("white", "grey", "black")),
                             triggers={content_cfg.subject: content_cfg.trigger, style_cfg.subject: style_cfg.trigger},
                             learnt_triggers=style_cfg.embedding))
-    variants = {"assembled": assembled_weights(assemble(Path(content_path), Path(style_path)), content.info,
-                                               assembled_embeddings(Path(content_path), Path(style_path))),
+    if assembled_path is not None:
+        assembled = load_lora(assembled_path)
+        if assembled.info.metadata.get("b4m_role") != "assembled":
+            raise LoraError(f"{Path(assembled_path).name} is not an assembled B4M adapter (made by `studio b4m make`).")
+    else:
+        assembled = assembled_weights(assemble(Path(content_path), Path(style_path)), content.info,
+                                      assembled_embeddings(Path(content_path), Path(style_path)))
+    variants = {"assembled": assembled,
                 "content_alone": content, "style_alone": style}
     report = {"content": f"{content_cfg.subject} ({content_cfg.trigger})",
-              "style": f"{style_cfg.subject} ({style_cfg.trigger})", "n": n}
+              "style": f"{style_cfg.subject} ({style_cfg.trigger})", "n": n,
+              "assembled_from": str(assembled_path) if assembled_path is not None else "the pair, here"}
     for label, weights in variants.items():
         attach_lora(pipe, weights, "b4m_evaluated")
         try:
