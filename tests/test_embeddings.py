@@ -54,7 +54,9 @@ def test_a_bundled_word_is_read_attached_with_its_lora_and_removed_with_it(tiny_
     finally:
         detach_lora(tiny_pipe, "ringed")
     assert len(tiny_pipe.tokenizer) == vocabulary and torch.equal(encode(tiny_pipe), before)
+    # the table and the config agree again (diffusers leaves vocab_size grown: a saved pipeline would not load)
     assert tiny_pipe.text_encoder.get_input_embeddings().weight.shape[0] == vocabulary
+    assert tiny_pipe.text_encoder.config.vocab_size == vocabulary
 
 
 def test_words_of_two_loras_come_and_go_each_with_its_own(tiny_pipe, tmp_path):
@@ -146,6 +148,7 @@ def test_the_lora_trainer_learns_its_trigger_as_a_word_and_the_file_brings_it_ba
     path = train_lora(tiny_pipe, cfg, tmp_path / "ringed.safetensors", progress=False)
     # the pipeline is as it was: no new token, the table untouched, the same encodings
     assert len(tiny_pipe.tokenizer) == vocabulary and torch.equal(encode(tiny_pipe), before)
+    assert tiny_pipe.text_encoder.config.vocab_size == vocabulary
     assert torch.equal(tiny_pipe.text_encoder.get_input_embeddings().weight, table)
     assert not tiny_pipe.text_encoder.get_input_embeddings().weight.requires_grad
     weights = load_lora(path)

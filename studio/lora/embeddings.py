@@ -76,5 +76,13 @@ def remove_embeddings(pipe, adapter: str) -> None:
 
 def _remove(pipe, added: dict[str, list[str]]) -> None:
     for component, tokens in added.items():
-        pipe.unload_textual_inversion(tokens, tokenizer=getattr(pipe, TOKENIZER_OF[component]),
-                                      text_encoder=getattr(pipe, component))
+        unload_words(pipe, component, tokens)
+
+
+def unload_words(pipe, component: str, tokens: list[str]) -> None:
+    """Remove tokens from a tokenizer and its text encoder. diffusers' unloading shrinks the embedding table
+    but leaves the text encoder's `config.vocab_size` at the grown size, so a pipeline saved afterwards could
+    not be loaded again: the config is set back to the table's size."""
+    encoder = getattr(pipe, component)
+    pipe.unload_textual_inversion(tokens, tokenizer=getattr(pipe, TOKENIZER_OF[component]), text_encoder=encoder)
+    encoder.config.vocab_size = encoder.get_input_embeddings().weight.shape[0]

@@ -199,10 +199,11 @@ class TriggerWord:
         self._hook = self.table.register_hook(lambda grad: grad * only_row)
 
     def finish(self) -> torch.Tensor:
+        from studio.lora.embeddings import unload_words
+
         self._hook.remove()
         self.table.requires_grad_(False)
         vector = self.table.detach()[self.row:self.row + 1].clone()
-        self.pipe.unload_textual_inversion([self.trigger], tokenizer=self.pipe.tokenizer,
-                                           text_encoder=self.pipe.text_encoder)
+        unload_words(self.pipe, "text_encoder", [self.trigger])
         self.pipe.text_encoder.get_input_embeddings().requires_grad_(False)  # a new table: frozen as the rest was
         return vector
