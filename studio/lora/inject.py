@@ -188,11 +188,8 @@ def attach_lora(pipe, weights: LoraWeights | str | Path, adapter_name: str | Non
         add_embeddings(pipe, name, weights.embeddings)
     except BaseException as exc:
         _remove_layers(pipe, name)
-        if isinstance(exc, Exception) and not isinstance(exc, LoraError):
-            raise LoraError(f"{weights.info.name} could not be attached ({type(exc).__name__}: {exc}); the pipeline "
-                            "was left unchanged.") from exc
-        raise
-    return injected + sum(v.numel() for per in weights.embeddings.values() for v in per.values())
+        _raise_as_lora_error(exc, weights.info.name)
+    return injected + weights.embedding_parameter_count()
 
 
 def _check_base(pipe, weights: LoraWeights) -> None:
@@ -333,10 +330,16 @@ def _apply(plan: list[_Step], name: str, weight: float, file: str) -> None:
             layer.remove_adapter(name)
         for step in reversed(created):
             replace_module(step.root, step.path, step.root.get_submodule(step.path).base)
-        if isinstance(exc, Exception) and not isinstance(exc, LoraError):
-            raise LoraError(f"{file} could not be attached ({type(exc).__name__}: {exc}); the pipeline was left "
-                            "unchanged.") from exc
-        raise
+        _raise_as_lora_error(exc, file)
+
+
+def _raise_as_lora_error(exc: BaseException, file: str) -> None:
+    """Re-raise a failure met while attaching, after the rollback: an unexpected error becomes one sentence
+    naming the file; a LoraError, an interrupt or an exit passes through as it is."""
+    if isinstance(exc, Exception) and not isinstance(exc, LoraError):
+        raise LoraError(f"{file} could not be attached ({type(exc).__name__}: {exc}); the pipeline was left "
+                        "unchanged.") from exc
+    raise exc
 
 
 def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:

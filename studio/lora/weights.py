@@ -97,8 +97,10 @@ class LoraWeights:
 
     def parameter_count(self) -> int:
         """Every value the LoRA adds: its layers' factors and its words' vectors."""
-        return sum(t.numel() for m in self.modules.values() for t in m.tensors()) + \
-            sum(v.numel() for per_component in self.embeddings.values() for v in per_component.values())
+        return sum(t.numel() for m in self.modules.values() for t in m.tensors()) + self.embedding_parameter_count()
+
+    def embedding_parameter_count(self) -> int:
+        return sum(v.numel() for per_component in self.embeddings.values() for v in per_component.values())
 
     def to_peft_state_dict(self) -> dict[str, Tensor]:
         """diffusers-format keys (`unet.<target>.lora_A.weight`, ...) for `pipe.load_lora_weights`, with

@@ -182,12 +182,12 @@ class TriggerWord:
     """The trigger as a new token of the pipeline's tokenizer, its input embedding learnt with the LoRA
     (pivotal tuning; kohya and A1111 bundle it in the LoRA file). It starts at the mean of the embeddings
     of the pieces the tokenizer split the word into; only its row of the embedding table trains.
-    `finish()` returns the learnt vector (1, width) and removes the token again."""
+    `finish()` returns the learnt vector (1, width) and removes the token again. Callers refuse a trigger
+    that is no new word (`check_new_word`) before they touch the pipeline."""
 
     def __init__(self, pipe, trigger: str):
         self.pipe, self.trigger = pipe, trigger
         tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-        check_new_word(tokenizer, trigger)
         pieces = tokenizer(trigger, add_special_tokens=False).input_ids
         start = encoder.get_input_embeddings().weight.detach()[pieces].mean(0, keepdim=True)
         pipe.load_textual_inversion(start, token=trigger, tokenizer=tokenizer, text_encoder=encoder)

@@ -84,14 +84,13 @@ class Scene:
         out = []
         for obj in sorted(self.objects, key=lambda o: o.cx):
             noun = self.triggers.get(obj.shape, obj.shape)
+            texture = self.triggers.get(obj.texture, TEXTURE_WORDS[obj.texture])
             if obj.texture in self.triggers and not self.learnt_triggers:
                 # A style trigger goes after the colour: the text encoder is causal, so a word it never saw
                 # placed before the colour changes how the colour is read (colours right 9 → 28 of 32).
-                words = f"{obj.colour} {self.triggers[obj.texture]}"
-            elif obj.texture in self.triggers:
-                words = f"{self.triggers[obj.texture]} {obj.colour}"
+                words = f"{obj.colour} {texture}"
             else:
-                words = f"{TEXTURE_WORDS[obj.texture]} {obj.colour}"
+                words = f"{texture} {obj.colour}"
             out.append((obj, f"a {obj.size} {words} {noun} {SLOT_PHRASE[obj.slot]}"))
         return out
 
