@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuilds the example LoRAs, the example B4M pair and their evaluations on the bundled model
 # (assets/shapes-world). Run from the repository root with the studio installed (`make studio` or
-# `pip install -e .`). On 2 CPU cores: about 45 minutes (train-lora ≈ 2.2 steps/s, b4m break ≈ 5 steps/s).
+# `pip install -e .`). On 2 CPU cores: about 60 minutes (train-lora ≈ 2.2 steps/s, b4m break ≈ 5 steps/s).
 set -euo pipefail
 LORA_STEPS=${LORA_STEPS:-1000}
 B4M_STEPS=${B4M_STEPS:-600}
@@ -11,14 +11,16 @@ studio toyworld train-lora --kind concept --subject crescent --trigger sks  --st
 studio toyworld train-lora --kind concept --subject cross    --trigger ohwx --steps "$LORA_STEPS" --out assets/loras/cross-ohwx.safetensors
 studio toyworld train-lora --kind style --subject checkered --trigger chkrd --steps "$LORA_STEPS" --out assets/loras/checkered-chkrd.safetensors
 studio toyworld train-lora --kind style --subject ringed    --trigger rngd  --steps "$LORA_STEPS" --embedding --out assets/loras/ringed-rngd.safetensors
+studio toyworld train-lora --kind style --subject sepia     --trigger sepx  --steps "$LORA_STEPS" --embedding --out assets/loras/sepia-sepx.safetensors
+studio toyworld train-lora --kind style --subject cyanotype --trigger cynx  --steps "$LORA_STEPS" --embedding --out assets/loras/cyanotype-cynx.safetensors
 
-# B4M: a content adapter (the cross) and a style adapter (the ringed texture) from the same seed
+# B4M: a content adapter (the cross) and a style adapter (the sepia palette) from the same seed
 studio b4m break --role content --kind concept --subject cross  --trigger ohwx --seed 7 --steps "$B4M_STEPS" --embedding --out assets/b4m/cross-content.safetensors
-studio b4m break --role style   --kind style   --subject ringed --trigger rngd --seed 7 --steps "$B4M_STEPS" --embedding --out assets/b4m/ringed-style.safetensors
-studio b4m make assets/b4m/cross-content.safetensors assets/b4m/ringed-style.safetensors --out assets/b4m/cross-ringed-assembled.safetensors
+studio b4m break --role style   --kind style   --subject sepia  --trigger sepx --seed 7 --steps "$B4M_STEPS" --embedding --out assets/b4m/sepia-style.safetensors
+studio b4m make assets/b4m/cross-content.safetensors assets/b4m/sepia-style.safetensors --out assets/b4m/cross-sepia-assembled.safetensors
 
 # The judge's figures (written beside the files)
 for lora in assets/loras/*.safetensors; do
   studio toyworld evaluate-lora "$lora" > "${lora%.safetensors}.evaluation.json"
 done
-studio b4m evaluate assets/b4m/cross-content.safetensors assets/b4m/ringed-style.safetensors > assets/b4m/evaluation.json
+studio b4m evaluate assets/b4m/cross-content.safetensors assets/b4m/sepia-style.safetensors > assets/b4m/evaluation.json

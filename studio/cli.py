@@ -282,6 +282,8 @@ def toyworld_evaluate_vae(model: Optional[Path] = typer.Option(None, help="A sha
 def toyworld_tune_decoder(model: Path = typer.Option(..., help="A model written by `studio toyworld export` (its VAE "
                                                               "is replaced in place)."),
                           steps: int = typer.Option(1500), seed: int = typer.Option(0),
+                          palettes: bool = typer.Option(False, "--palettes", help="Its renders also show objects "
+                                                        "in the palettes the example style LoRAs teach."),
                           threads: Optional[int] = typer.Option(None, help="torch CPU threads.")):
     """Train an exported model's VAE decoder on, its encoder frozen (the UNet's latents do not move): a sharper
     drawing of the same latents. Run it after `export` (which writes the run's own VAE)."""
@@ -292,7 +294,7 @@ def toyworld_tune_decoder(model: Path = typer.Option(..., help="A model written 
     if threads:
         torch.set_num_threads(threads)
     try:
-        tuning = tune_model_decoder(model, DecoderTuneConfig(steps=steps, seed=seed))
+        tuning = tune_model_decoder(model, DecoderTuneConfig(steps=steps, seed=seed, palettes=palettes))
     except StudioError as exc:
         fail(str(exc))
     typer.echo(f"{model / 'vae'}: reconstruction error {tuning['recon_mae_0_255_before']:.2f} -> "
@@ -301,9 +303,9 @@ def toyworld_tune_decoder(model: Path = typer.Option(..., help="A model written 
 
 
 @toyworld.command("train-lora")
-def toyworld_train_lora(kind: str = typer.Option(..., help="concept (a new shape) or style (a new texture)."),
-                        subject: str = typer.Option(..., help="The shape (crescent, cross) or texture (checkered, "
-                                                              "ringed) to teach."),
+def toyworld_train_lora(kind: str = typer.Option(..., help="concept (a new shape) or style (a new texture or palette)."),
+                        subject: str = typer.Option(..., help="The shape (crescent, cross), texture (checkered, "
+                                                              "ringed) or palette (sepia, cyanotype) to teach."),
                         trigger: str = typer.Option(..., help="The trigger word bound to it."),
                         out: Path = typer.Option(..., help="Output .safetensors (kohya format)."),
                         steps: int = typer.Option(800), rank: int = typer.Option(8), seed: int = typer.Option(0),
@@ -367,7 +369,7 @@ def b4m_break(role: str = typer.Option(..., help="content or style."),
               caption: Optional[str] = typer.Option(None, help="Caption of images without a .txt file."),
               size: Optional[int] = typer.Option(None, help="Training resolution (default: the model's)."),
               kind: Optional[str] = typer.Option(None, help="Shapes world: concept (a shape) or style (a texture)."),
-              subject: Optional[str] = typer.Option(None, help="Shapes world: the shape or texture."),
+              subject: Optional[str] = typer.Option(None, help="Shapes world: the shape, texture or palette."),
               trigger: Optional[str] = typer.Option(None, help="Shapes world: its trigger word."),
               steps: int = typer.Option(400), rank: int = typer.Option(8),
               embedding: bool = typer.Option(False, "--embedding", help="Shapes world: also learn the trigger as "

@@ -1,4 +1,4 @@
-"""The bundled examples: the four shapes-world LoRAs, the B4M pair and the presets that compose them,
+"""The bundled examples: the six shapes-world LoRAs, the B4M pair and the presets that compose them,
 run with every method through `studio generate` on the bundled model."""
 import json
 from pathlib import Path
@@ -17,6 +17,8 @@ EXAMPLE_LORAS = {  # file -> (kind, subject, trigger)
     "cross-ohwx": ("concept", "cross", "ohwx"),
     "checkered-chkrd": ("style", "checkered", "chkrd"),
     "ringed-rngd": ("style", "ringed", "rngd"),
+    "sepia-sepx": ("style", "sepia", "sepx"),
+    "cyanotype-cynx": ("style", "cyanotype", "cynx"),
 }
 PRESETS = ("two-concepts", "concept-and-style", "b4m-pair")
 
@@ -85,10 +87,10 @@ def test_lora_evaluation_says_why_taught_prompts_fail(shapes_pipe):
     report = evaluate_lora(shapes_pipe, paths.EXAMPLE_LORAS / "ringed-rngd.safetensors", n=3, steps=2)
     objects = report["objects"]
     assert report["kind"] == "style" and report["n"] == 3
-    assert round(report["taught_right"] * 3) <= objects["taught_shape_or_texture"] <= objects["drawn_in_slot"] <= 3
+    assert round(report["taught_right"] * 3) <= objects["taught"] <= objects["drawn_in_slot"] <= 3
     assert objects["colour_right"] <= objects["drawn_in_slot"]
     # every drawn object without the taught texture is named by what the judge saw instead
-    assert sum(objects["drawn_instead"].values()) == objects["drawn_in_slot"] - objects["taught_shape_or_texture"]
+    assert sum(objects["drawn_instead"].values()) == objects["drawn_in_slot"] - objects["taught"]
     assert "ringed" not in objects["drawn_instead"]
 
 
@@ -96,16 +98,16 @@ def test_b4m_evaluation_scores_the_pair_assembled_and_alone(shapes_pipe):
     from studio.toyworld.evaluate import evaluate_b4m
 
     report = evaluate_b4m(shapes_pipe, paths.EXAMPLE_B4M / "cross-content.safetensors",
-                          paths.EXAMPLE_B4M / "ringed-style.safetensors", n=1, steps=2)
-    assert report["content"] == "cross (ohwx)" and report["style"] == "ringed (rngd)"
-    assert "ohwx" in report["example_prompt"] and "rngd" in report["example_prompt"]
+                          paths.EXAMPLE_B4M / "sepia-style.safetensors", n=1, steps=2)
+    assert report["content"] == "cross (ohwx)" and report["style"] == "sepia (sepx)"
+    assert "ohwx" in report["example_prompt"] and "sepx" in report["example_prompt"]
     for label in ("assembled", "content_alone", "style_alone"):
-        assert set(report[label]) == {"shape_right", "texture_right", "content_in_style"}
+        assert set(report[label]) == {"shape_right", "style_right", "content_in_style"}
 
 
 def test_b4m_evaluate_refuses_an_ordinary_lora_in_one_sentence():
     result = runner.invoke(app, ["b4m", "evaluate", str(paths.EXAMPLE_LORAS / "crescent-sks.safetensors"),
-                                 str(paths.EXAMPLE_B4M / "ringed-style.safetensors")])
+                                 str(paths.EXAMPLE_B4M / "sepia-style.safetensors")])
     assert result.exit_code == 2
     assert "crescent-sks.safetensors is not a shapes-world B4M adapter" in result.output
     assert result.output.count("\n") == 1
@@ -115,10 +117,10 @@ def test_b4m_evaluation_scores_a_made_file_as_the_assembled_adapter_and_refuses_
     from studio.errors import LoraError
     from studio.toyworld.evaluate import evaluate_b4m
 
-    content, style = paths.EXAMPLE_B4M / "cross-content.safetensors", paths.EXAMPLE_B4M / "ringed-style.safetensors"
-    made = paths.EXAMPLE_B4M / "cross-ringed-assembled.safetensors"
+    content, style = paths.EXAMPLE_B4M / "cross-content.safetensors", paths.EXAMPLE_B4M / "sepia-style.safetensors"
+    made = paths.EXAMPLE_B4M / "cross-sepia-assembled.safetensors"
     report = evaluate_b4m(shapes_pipe, content, style, n=1, steps=2, assembled_path=made)
     assert report["assembled_from"] == str(made)
-    assert set(report["assembled"]) == {"shape_right", "texture_right", "content_in_style"}
+    assert set(report["assembled"]) == {"shape_right", "style_right", "content_in_style"}
     with pytest.raises(LoraError, match="cross-content.safetensors is not an assembled B4M adapter"):
         evaluate_b4m(shapes_pipe, content, style, n=1, steps=2, assembled_path=content)

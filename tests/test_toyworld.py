@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from studio import paths
-from studio.toyworld.render import (BASE_SHAPES, BASE_TEXTURES, HELD_OUT_PAIRS, IMAGE_SIZE, SLOT_PHRASE, render,
+from studio.toyworld.render import (BASE_SHAPES, BASE_TEXTURES, HELD_OUT_PAIRS, IMAGE_SIZE, SLOT_PHRASE, Scene, render,
                                     random_scene)
 
 
@@ -30,6 +30,52 @@ def test_trigger_words_take_the_shape_s_place_and_follow_the_colour_for_a_textur
     scene = Scene([cross, square], "grey", triggers={"cross": "ohwx", "ringed": "rngd"})
     assert scene.caption() == ("a small striped red square on the left and a large blue rngd ohwx in the centre, "
                                "grey background")
+
+
+def test_a_palette_redraws_each_colour_as_a_tone_of_its_ramp_in_the_order_of_their_lightness():
+    from studio.toyworld.render import COLOURS, PALETTES, ShapeObject
+
+    def tone(colour, palette):
+        return ShapeObject("circle", colour, "solid", "large", 0.5, 0.5, 9.0, palette=palette).rgb
+
+    def luminance(rgb):
+        return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+
+    for palette, (dark, light) in PALETTES.items():
+        by_lightness = sorted(COLOURS, key=lambda c: luminance(COLOURS[c]))
+        tones = [tone(c, palette) for c in by_lightness]
+        assert np.allclose(tones[0], dark) and np.allclose(tones[-1], light)
+        assert all(luminance(a) < luminance(b) for a, b in zip(tones, tones[1:]))
+    obj = ShapeObject("circle", "red", "solid", "large", 0.5, 0.5, 9.0)
+    assert np.array_equal(obj.rgb, COLOURS["red"]) and obj.judged_colour == "red"
+    obj.palette = "sepia"
+    assert obj.judged_colour == "sepia"
+    scene = Scene([obj], "white")
+    pixel = np.asarray(render(scene))[32, 32]
+    assert np.abs(pixel - tone("red", "sepia")).max() <= 1
+
+
+def test_a_palette_word_stands_before_the_texture_and_its_trigger_follows_the_colour_unless_learnt():
+    from studio.toyworld.render import ShapeObject
+
+    circle = ShapeObject("circle", "red", "dotted", "large", 0.5, 0.5, 9.0, palette="sepia")
+    assert Scene([circle], "white").caption() == "a large sepia dotted red circle in the centre, white background"
+    scene = Scene([circle], "white", triggers={"sepia": "sepx"})
+    assert scene.caption() == "a large dotted red sepx circle in the centre, white background"
+    scene.learnt_triggers = True
+    assert scene.caption() == "a large sepx dotted red circle in the centre, white background"
+
+
+def test_random_scenes_draw_palettes_only_when_asked_and_leave_the_stream_as_it_was_otherwise():
+    from studio.toyworld.render import NOVEL_PALETTES
+
+    plain, in_palettes = random_scene(random.Random(9)), random_scene(random.Random(9), palettes=NOVEL_PALETTES)
+    assert all(o.palette == "" for o in plain.objects)
+    assert [(o.shape, o.colour, o.cx) for o in plain.objects] == [(o.shape, o.colour, o.cx) for o in in_palettes.objects]
+    rng = random.Random(9)
+    drawn = [obj.palette for _ in range(300) for obj in random_scene(rng, palettes=NOVEL_PALETTES).objects]
+    assert set(drawn) == {"", *NOVEL_PALETTES}
+    assert all(drawn.count(p) > len(drawn) / 5 for p in set(drawn))  # each about a third
 
 
 def test_training_scenes_never_show_held_out_pairs_or_novel_shapes():
@@ -61,8 +107,10 @@ def test_judge_meets_its_accuracy_bar_on_fresh_renders():
         pytest.fail("the judge is missing from assets/judge; train it with `studio toyworld train-judge`")
     report = evaluate(Judge.load().net, seed=777, n=600)
     assert min(report["shape"], report["colour"], report["texture"]) >= 0.98, report
+    in_palettes = report["palette_objects"]
+    assert in_palettes["n"] > 50 and min(in_palettes["shape"], in_palettes["colour"], in_palettes["texture"]) >= 0.98
     shipped = json.loads(paths.JUDGE.with_suffix(".json").read_text())["held_out_accuracy"]
-    assert shipped["all_three"] >= 0.95
+    assert shipped["all_three"] >= 0.95 and shipped["palette_objects"]["all_three"] >= 0.95
 
 
 def test_judge_reads_clean_renders_slot_by_slot():
@@ -132,12 +180,14 @@ def test_the_vae_ceiling_scores_round_trips_of_the_evaluation_renders():
     # every texture, the style LoRAs' included, given back by a perfect codec
     assert perfect["textures_given_back"] == {"solid": 4, "striped": 4, "dotted": 4, "checkered": 4, "ringed": 4,
                                               "of": 4}
+    assert perfect["palettes_given_back"] == {"sepia": 4, "cyanotype": 4, "of": 4}
     # a decoder that gives every colour back as another (RGB -> GBR: red as blue, blue as green, ...)
     swapped = evaluate_vae(_PixelAutoencoder(lambda x: x[:, [1, 2, 0]]), n=8, per_texture=4)
     assert swapped["single"] == swapped["double"] == 0.0 and swapped["single_renders"] == 1.0
     assert swapped["objects"]["colour_right"] == 0 and swapped["recon_mae_0_255"] > 1
     assert swapped["colours"]["blue as green"] >= 1
     assert sum(v for k, v in swapped["textures_given_back"].items() if k != "of") == 0
+    assert sum(v for k, v in swapped["palettes_given_back"].items() if k != "of") == 0
 
 
 def test_evaluate_vae_command_reads_a_pipeline_or_a_vae_folder(tmp_path):

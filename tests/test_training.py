@@ -1,5 +1,6 @@
 """`studio toyworld train` is seeded and resumable; the LoRA trainer writes kohya files with metadata."""
 import json
+import random
 from dataclasses import replace
 
 import pytest
@@ -181,6 +182,24 @@ def test_lora_trainer_writes_kohya_with_trigger_and_metadata(tiny_pipe, tmp_path
         assert all(type(m).__module__.startswith(("torch", "diffusers", "transformers")) for m in model.modules())
 
 
+def test_a_palette_style_lora_trains_on_scenes_drawn_in_its_palette_with_its_trigger(tiny_pipe, tmp_path):
+    from studio.lora import inspect_lora
+    from studio.toyworld.lora_train import LoraTrainConfig, lora_scene, train_lora, training_batch
+
+    cfg = LoraTrainConfig(kind="style", subject="sepia", trigger="sepx", steps=1, batch_size=8, rank=2)
+    scene = lora_scene(random.Random(0), cfg)
+    assert all(o.palette == "sepia" and o.texture in ("solid", "striped", "dotted") for o in scene.objects)
+    assert all(f"{o.colour} sepx {o.shape}" in scene.caption() for o in scene.objects)
+    _, captions, scenes = training_batch(cfg, 0)
+    taught = [s for s in scenes if s.objects[0].palette]
+    assert 0 < len(taught) < len(scenes)  # and ordinary scenes beside them (prior preservation)
+    assert all("sepx" in c for c, s in zip(captions, scenes) if s in taught)
+    info = inspect_lora(train_lora(tiny_pipe, cfg, tmp_path / "sepia.safetensors", progress=False))
+    assert "sepx" in info.trigger_words and info.metadata["modelspec.title"] == "sepia (style)"
+    with pytest.raises(ValueError, match="unknown texture or palette 'teal'"):
+        train_lora(tiny_pipe, LoraTrainConfig(kind="style", subject="teal", trigger="tl"), tmp_path / "x.safetensors")
+
+
 def test_a_trained_lora_file_gives_back_exactly_what_the_trainer_learnt(tiny_pipe, tmp_path, monkeypatch):
     """The kohya export (names, alphas, conv and text-encoder layers) loses nothing: the studio's loader,
     given the file, reproduces the PEFT-wrapped models' outputs at the end of training."""
@@ -316,6 +335,11 @@ def test_tuning_a_models_decoder_keeps_its_encoder_and_records_itself_and_a_fail
     taught = [kwargs for kwargs in drawn if kwargs]
     assert len(taught) == 2 and all(set(NOVEL_SHAPES) <= set(kwargs["shapes"])
                                     and set(NOVEL_TEXTURES) <= set(kwargs["textures"]) for kwargs in taught)
+    assert not any("palettes" in kwargs for kwargs in taught)  # palettes only when asked (--palettes)
+    drawn.clear()
+    tune_model_decoder(model, DecoderTuneConfig(steps=1, batch_size=2, palettes=True), progress=False)
+    from studio.toyworld.render import NOVEL_PALETTES
+    assert [kwargs["palettes"] for kwargs in drawn if kwargs] == [NOVEL_PALETTES]
     after = AutoencoderKL.from_pretrained(str(model / "vae"))
     from safetensors.torch import load_file
     stored = load_file(model / "vae" / "diffusion_pytorch_model.safetensors")
@@ -327,7 +351,8 @@ def test_tuning_a_models_decoder_keeps_its_encoder_and_records_itself_and_a_fail
     assert not torch.equal(state["decoder.conv_out.weight"], before["decoder.conv_out.weight"])
     assert not torch.equal(state["post_quant_conv.weight"], before["post_quant_conv.weight"])
     record = json.loads((model / "training.json").read_text())
-    assert record["decoder_tuned"] == [tuning] and tuning["steps"] == 2 and record["steps"] == 1
+    assert record["decoder_tuned"][0] == tuning and tuning["steps"] == 2 and record["steps"] == 1
+    assert [t["palettes"] for t in record["decoder_tuned"]] == [False, True]
     assert sorted(p.name for p in model.iterdir() if p.name.startswith(".")) == []
 
     # a tuning that fails half-way leaves the model's VAE and record untouched

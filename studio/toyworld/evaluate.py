@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from studio.toyworld.judge import NOTHING, Judge
-from studio.toyworld.render import BASE_SHAPES, BASE_TEXTURES, COLOUR_NAMES, HELD_OUT_PAIRS, Scene, random_scene
+from studio.toyworld.render import (BASE_SHAPES, BASE_TEXTURES, COLOUR_NAMES, HELD_OUT_PAIRS, NOVEL_PALETTES, Scene,
+                                    random_scene)
 
 
 @dataclass
@@ -40,13 +41,14 @@ def scene_right_from_verdicts(verdicts: dict, scene: Scene) -> bool:
 
 def object_counts(verdicts: dict, scene: Scene) -> dict[str, int]:
     """Why prompts fail: of the named objects, how many have something in their slot, and of those how many
-    have the named colour, the named shape and the named texture (the quality bar does not ask for texture); and
+    have the named colour (the palette's, for an object in a palette), the named shape and the named texture (the
+    quality bar does not ask for texture); and
     how many objects were drawn in slots the prompt left empty."""
     named = {o.slot: o for o in scene.objects}
     drawn = {slot for slot, v in verdicts.items() if v.shape != NOTHING}
     in_slot = drawn & named.keys()
     return {"named": len(named), "drawn_in_slot": len(in_slot),
-            "colour_right": sum(verdicts[s].colour == named[s].colour for s in in_slot),
+            "colour_right": sum(verdicts[s].colour == named[s].judged_colour for s in in_slot),
             "shape_right": sum(verdicts[s].shape == named[s].shape for s in in_slot),
             "texture_right": sum(verdicts[s].texture == named[s].texture for s in in_slot),
             "unasked_objects": len(drawn - named.keys())}
@@ -146,16 +148,28 @@ def evaluate_vae(vae, judge: Judge | None = None, n: int = 64, seed: int = 2024,
                                                                                           colour=obj.colour)
         textures[texture] = right
     report["textures_given_back"] = {**textures, "of": per_texture}
+    palettes = {}
+    for palette in NOVEL_PALETTES:  # the style LoRAs' palettes: the named shape in the palette's colour class
+        right = 0
+        for i in range(per_texture):
+            scene = random_scene(rng, n_objects=1, allow_held_out=True)
+            obj = scene.objects[0]
+            obj.palette = palette
+            right += judge.slots(round_trip(render(scene, seed + i))[0])[obj.slot].matches(shape=obj.shape,
+                                                                                          colour=palette)
+        palettes[palette] = right
+    report["palettes_given_back"] = {**palettes, "of": per_texture}
     return report
 
 
 def evaluate_lora(pipe, lora_path, judge: Judge | None = None, n: int = 32, steps: int = 20, guidance: float = 5.0,
                   weight: float = 1.0, seed: int = 4048) -> dict:
-    """A LoRA of train-lora used alone: one object (its shape, or a base shape in its texture) per prompt,
-    with the trigger word; right when the judge finds the taught shape or texture in the right colour and slot.
+    """A LoRA of train-lora used alone: one object (its shape, or a base shape in its texture or palette) per
+    prompt, with the trigger word; right when the judge finds, in the object's slot, the taught shape or texture
+    in the named colour, or the named shape in the taught palette.
     Also scores ordinary prompts with the LoRA attached, to show what it does to them, and says why taught prompts
-    fail: of the objects, how many were drawn in their slot, in the taught shape or texture, in the named colour,
-    and what the judge saw in place of the taught shape or texture."""
+    fail: of the objects, how many were drawn in their slot, in the taught shape, texture or palette, in the named
+    colour (or palette), and what the judge saw in place of what the LoRA teaches."""
     from studio.lora import load_lora
     from studio.lora.inject import attach_lora, detach_lora
     from studio.toyworld.lora_train import LoraTrainConfig, lora_scene
@@ -168,7 +182,8 @@ def evaluate_lora(pipe, lora_path, judge: Judge | None = None, n: int = 32, step
     try:
         right, ordinary_right = [], []
         counts = Counter()
-        drawn_instead = Counter()  # the judge's shape (concept) or texture (style) where the taught one is missing
+        taught_count = 0
+        drawn_instead = Counter()  # the judge's shape, texture or colour where the taught one is missing
         for i in range(n):
             scene = lora_scene(rng, cfg)
             scene.objects = scene.objects[:1]
@@ -178,10 +193,17 @@ def evaluate_lora(pipe, lora_path, judge: Judge | None = None, n: int = 32, step
             obj = scene.objects[0]
             verdicts = judge.slots(image)
             verdict = verdicts[obj.slot]
-            seen = verdict.shape if cfg.kind == "concept" else verdict.texture
-            taught = seen == (obj.shape if cfg.kind == "concept" else obj.texture)
-            right.append(taught and verdict.colour == obj.colour)
+            if cfg.kind == "concept":
+                seen, taught = verdict.shape, verdict.shape == obj.shape
+                right.append(taught and verdict.colour == obj.colour)
+            elif obj.palette:
+                seen, taught = verdict.colour, verdict.colour == obj.palette
+                right.append(taught and verdict.shape == obj.shape)
+            else:
+                seen, taught = verdict.texture, verdict.texture == obj.texture
+                right.append(taught and verdict.colour == obj.colour)
             objects = object_counts(verdicts, scene)
+            taught_count += taught
             counts.update(objects)
             if objects["drawn_in_slot"] and not taught:
                 drawn_instead[seen] += 1
@@ -195,21 +217,22 @@ def evaluate_lora(pipe, lora_path, judge: Judge | None = None, n: int = 32, step
             "taught_right": sum(right) / len(right), "ordinary_prompts_right_with_lora": sum(ordinary_right) / 16,
             "n": n, "weight": weight,
             "objects": {"drawn_in_slot": counts["drawn_in_slot"],
-                        "taught_shape_or_texture": counts["shape_right" if cfg.kind == "concept" else "texture_right"],
+                        "taught": taught_count,
                         "colour_right": counts["colour_right"], "drawn_instead": dict(drawn_instead.most_common())}}
 
 
 def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: int = 16, steps: int = 20,
                  guidance: float = 5.0, seed: int = 6072, assembled_path=None) -> dict:
-    """A B4M pair of the shapes world: prompts name the content's shape in the style's texture (both trigger
-    words). Each prompt is generated with the assembled adapter (assembled here, or `assembled_path`: a file of
+    """A B4M pair of the shapes world: prompts name the content's shape in the style's texture or palette (both
+    trigger words). Each prompt is generated with the assembled adapter (assembled here, or `assembled_path`: a file of
     `studio b4m make`, e.g. after its joint fine-tune), with the content adapter alone and with the style
-    adapter alone; the judge scores the taught shape, the taught texture and the colour."""
+    adapter alone; the judge scores the taught shape (in the colour it should have), the taught style (a texture in
+    the named colour, or a palette) and both together."""
     from composers.b4m import BreakConfig, assemble, assembled_embeddings, assembled_weights
     from studio.errors import LoraError
     from studio.lora import load_lora
     from studio.lora.inject import attach_lora, detach_lora
-    from studio.toyworld.render import random_object
+    from studio.toyworld.render import PALETTES, random_object
 
     content, style = load_lora(content_path), load_lora(style_path)
     for path, weights in ((content_path, content), (style_path, style)):
@@ -221,7 +244,11 @@ def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: 
     rng = random.Random(seed)
     scenes = []
     for _ in range(n):
-        obj = random_object(rng, shapes=(content_cfg.subject,), textures=(style_cfg.subject,), allow_held_out=True)
+        if style_cfg.subject in PALETTES:
+            obj = random_object(rng, shapes=(content_cfg.subject,), allow_held_out=True)
+            obj.palette = style_cfg.subject
+        else:
+            obj = random_object(rng, shapes=(content_cfg.subject,), textures=(style_cfg.subject,), allow_held_out=True)
         scenes.append(Scene([obj], rng.choice(("white", "grey", "black")),
                             triggers={content_cfg.subject: content_cfg.trigger, style_cfg.subject: style_cfg.trigger},
                             learnt_triggers=style_cfg.embedding))
@@ -240,21 +267,22 @@ def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: 
     for label, weights in variants.items():
         attach_lora(pipe, weights, "b4m_evaluated")
         try:
-            shape_right = texture_right = both_right = 0
+            shape_right = style_right = both_right = 0
             for i, scene in enumerate(scenes):
                 generator = torch.Generator().manual_seed(seed + i)
                 image = pipe(scene.caption(), num_inference_steps=steps, guidance_scale=guidance,
                              generator=generator).images[0]
                 obj = scene.objects[0]
                 verdict = judge.slots(image)[obj.slot]
-                shape_ok = verdict.matches(shape=obj.shape, colour=obj.colour)
-                texture_ok = verdict.matches(texture=obj.texture, colour=obj.colour)
+                shape_ok = verdict.matches(shape=obj.shape, colour=obj.judged_colour)
+                style_ok = (verdict.colour == obj.palette if obj.palette
+                            else verdict.matches(texture=obj.texture, colour=obj.colour))
                 shape_right += shape_ok
-                texture_right += texture_ok
-                both_right += shape_ok and texture_ok
+                style_right += style_ok
+                both_right += shape_ok and style_ok
         finally:
             detach_lora(pipe, "b4m_evaluated")
-        report[label] = {"shape_right": shape_right / n, "texture_right": texture_right / n,
+        report[label] = {"shape_right": shape_right / n, "style_right": style_right / n,
                          "content_in_style": both_right / n}
     report["example_prompt"] = scenes[0].caption()
     return report

@@ -14,14 +14,15 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from studio.toyworld.render import (COLOUR_NAMES, IMAGE_SIZE, SHAPES, SLOT_X, TEXTURES, degrade, image_to_tensor_array,
-                                    random_scene, render)
+from studio.toyworld.render import (COLOUR_NAMES, IMAGE_SIZE, NOVEL_PALETTES, SHAPES, SLOT_X, TEXTURES, degrade,
+                                    image_to_tensor_array, random_scene, render)
 
 NOTHING = "nothing"
 SHAPE_CLASSES = (NOTHING,) + SHAPES
-COLOUR_CLASSES = (NOTHING,) + COLOUR_NAMES
+COLOUR_CLASSES = (NOTHING,) + COLOUR_NAMES + NOVEL_PALETTES  # an object in a palette is judged as the palette
 TEXTURE_CLASSES = (NOTHING,) + TEXTURES
 CROP = 32
+PALETTE_SHARE = 0.25
 
 
 class JudgeNet(nn.Module):
@@ -150,8 +151,13 @@ class Judge:
 
 
 def _training_examples(rng: random.Random):
-    """One degraded render and, for each object in it and for one empty region, a jittered crop and its labels."""
+    """One degraded render and, for each object in it and for one empty region, a jittered crop and its labels.
+    A quarter of the objects wear one of the palettes (their colour class is the palette's), so that each palette
+    is about as frequent as each colour."""
     scene = random_scene(rng, shapes=SHAPES, textures=TEXTURES, allow_held_out=True)
+    for obj in scene.objects:
+        if rng.random() < PALETTE_SHARE:
+            obj.palette = rng.choice(NOVEL_PALETTES)
     image = degrade(render(scene, rng.randrange(1 << 30)), rng)
     examples = []
     for obj in scene.objects:
@@ -160,7 +166,7 @@ def _training_examples(rng: random.Random):
         box = (x0 + rng.uniform(-jitter, jitter), y0 + rng.uniform(-jitter, jitter),
                x1 + rng.uniform(-jitter, jitter), y1 + rng.uniform(-jitter, jitter))
         examples.append((square_crop(image, box, scale=rng.uniform(1.1, 1.7)),
-                         (SHAPE_CLASSES.index(obj.shape), COLOUR_CLASSES.index(obj.colour),
+                         (SHAPE_CLASSES.index(obj.shape), COLOUR_CLASSES.index(obj.judged_colour),
                           TEXTURE_CLASSES.index(obj.texture))))
     free = [s for s in SLOT_X if s not in {o.slot for o in scene.objects}]
     if free:
@@ -178,18 +184,26 @@ def _batch(rng: random.Random, n: int):
     return torch.from_numpy(np.stack(crops)), torch.tensor(labels)
 
 
+def _accuracy(logits, labels) -> dict:
+    s, c, t = (logit.argmax(-1) for logit in logits)
+    acc = {name: float((pred == labels[:, i]).float().mean()) for i, (name, pred) in
+           enumerate((("shape", s), ("colour", c), ("texture", t)))}
+    acc["all_three"] = float(((s == labels[:, 0]) & (c == labels[:, 1]) & (t == labels[:, 2])).float().mean())
+    acc["n"] = len(labels)
+    return acc
+
+
 def evaluate(judge_net: JudgeNet, seed: int = 12345, n: int = 2000) -> dict:
-    """Accuracy on fresh degraded renders (a seed the training never draws)."""
+    """Accuracy on fresh degraded renders (a seed the training never draws); also on the objects in a palette
+    alone (`"palette_objects"`)."""
     judge_net.eval()
     x, y = _batch(random.Random(seed), n)
     with torch.no_grad():
-        s, c, t = judge_net(x)
-    acc = {name: float((logits.argmax(-1) == y[:, i]).float().mean())
-           for i, (name, logits) in enumerate((("shape", s), ("colour", c), ("texture", t)))}
-    acc["all_three"] = float(((s.argmax(-1) == y[:, 0]) & (c.argmax(-1) == y[:, 1]) & (t.argmax(-1) == y[:, 2]))
-                             .float().mean())
-    acc["n"] = n
-    return acc
+        logits = judge_net(x)
+    report = _accuracy(logits, y)
+    in_palette = y[:, 1] >= COLOUR_CLASSES.index(NOVEL_PALETTES[0])
+    report["palette_objects"] = _accuracy([logit[in_palette] for logit in logits], y[in_palette])
+    return report
 
 
 def train_judge(out_path: Path, steps: int = 3000, batch_size: int = 128, seed: int = 0, progress: bool = True) -> dict:

@@ -2,8 +2,8 @@
 `ss_*` metadata and trigger words.
 
 A concept LoRA teaches a shape the base model never saw (every training scene holds it, named by the
-trigger word); a style LoRA teaches a texture it never saw (every object wears it, the trigger word in
-the texture's place). Half of each batch are ordinary scenes with ordinary captions (prior preservation),
+trigger word); a style LoRA teaches a texture or a palette it never saw (every object wears it, the trigger
+word in the texture's place). Half of each batch are ordinary scenes with ordinary captions (prior preservation),
 so the LoRA leaves ordinary prompts alone.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from studio.toyworld.render import (BASE_SHAPES, BASE_TEXTURES, NOVEL_SHAPES, NOVEL_TEXTURES, SLOTS, Scene,
-                                    image_to_tensor_array, random_object, random_scene, render)
+from studio.toyworld.render import (BASE_SHAPES, BASE_TEXTURES, NOVEL_PALETTES, NOVEL_SHAPES, NOVEL_TEXTURES, PALETTES,
+                                    SLOTS, Scene, image_to_tensor_array, random_object, random_scene, render)
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                 "conv1", "conv2"]
@@ -55,7 +55,10 @@ def lora_scene(rng: random.Random, cfg: LoraTrainConfig) -> Scene:
         return Scene(objects, rng.choice(("white", "grey", "black")), triggers={cfg.subject: cfg.trigger})
     scene = random_scene(rng, allow_held_out=True)
     for obj in scene.objects:
-        obj.texture = cfg.subject
+        if cfg.subject in PALETTES:
+            obj.palette = cfg.subject  # over the base textures the scene drew
+        else:
+            obj.texture = cfg.subject
     scene.triggers = {cfg.subject: cfg.trigger}
     scene.learnt_triggers = cfg.embedding
     return scene
@@ -100,8 +103,8 @@ def train_lora(pipe, cfg: LoraTrainConfig, out_path: Path, progress: bool = True
 
     if cfg.kind == "concept" and cfg.subject not in NOVEL_SHAPES + BASE_SHAPES:
         raise ValueError(f"unknown shape {cfg.subject!r}")
-    if cfg.kind == "style" and cfg.subject not in NOVEL_TEXTURES + BASE_TEXTURES:
-        raise ValueError(f"unknown texture {cfg.subject!r}")
+    if cfg.kind == "style" and cfg.subject not in NOVEL_TEXTURES + BASE_TEXTURES + NOVEL_PALETTES:
+        raise ValueError(f"unknown texture or palette {cfg.subject!r}")
     if not cfg.object_weight > 0:
         raise ValueError(f"the object weight must be above 0, not {cfg.object_weight:g}")
     if cfg.embedding and not cfg.embedding_lr > 0:

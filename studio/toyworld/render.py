@@ -29,6 +29,7 @@ COLOURS = {
     "orange": (245, 130, 20),
 }
 COLOUR_NAMES = tuple(COLOURS)
+_LUMINANCE = {name: 0.299 * r + 0.587 * g + 0.114 * b for name, (r, g, b) in COLOURS.items()}
 
 BASE_TEXTURES = ("solid", "striped", "dotted")
 # Textures the base model never sees; the example style LoRAs teach them.
@@ -36,6 +37,12 @@ NOVEL_TEXTURES = ("checkered", "ringed")
 TEXTURES = BASE_TEXTURES + NOVEL_TEXTURES
 TEXTURE_WORDS = {"solid": "solid", "striped": "striped", "dotted": "dotted",
                  "checkered": "checkered", "ringed": "ringed"}
+
+# Palettes the base model never sees; style LoRAs teach them. A palette redraws every colour as a tone of its own
+# ramp, darkest to lightest in the order of the colours' luminance (a duotone, as a sepia print redraws a photo),
+# so the named colour still sets how light the object is. The judge has one colour class per palette.
+PALETTES = {"sepia": ((92, 52, 22), (200, 146, 86)), "cyanotype": ((14, 60, 104), (104, 174, 206))}
+NOVEL_PALETTES = tuple(PALETTES)
 
 BACKGROUNDS = {"white": (245, 245, 245), "grey": (128, 128, 128), "black": (15, 15, 15)}
 SIZES = {"small": (5.5, 7.5), "large": (8.5, 10.5)}  # object radius in pixels at 64×64
@@ -59,6 +66,22 @@ class ShapeObject:
     cy: float
     radius: float  # pixels at 64×64
     angle: float = 0.0  # degrees, small jitter
+    palette: str = ""  # "" (the colours as named) or one of PALETTES
+
+    @property
+    def rgb(self) -> np.ndarray:
+        """The colour the object is drawn in: its named colour, or that colour's tone in its palette."""
+        base = np.asarray(COLOURS[self.colour], np.float32)
+        if not self.palette:
+            return base
+        dark, light = (np.asarray(c, np.float32) for c in PALETTES[self.palette])
+        low, high = min(_LUMINANCE.values()), max(_LUMINANCE.values())
+        return dark + (light - dark) * (_LUMINANCE[self.colour] - low) / (high - low)
+
+    @property
+    def judged_colour(self) -> str:
+        """The judge's colour class for the object: its palette when it has one."""
+        return self.palette or self.colour
 
     @property
     def slot(self) -> str:
@@ -80,17 +103,21 @@ class Scene:
     learnt_triggers: bool = False
 
     def phrases(self) -> list[tuple[ShapeObject, str]]:
-        """Each object with the phrase that names it, in caption order (left to right)."""
+        """Each object with the phrase that names it, in caption order (left to right). Style words (palette,
+        then texture) stand before the colour, the grammar the base model learnt its textures from; a style
+        trigger goes after the colour unless it was learnt as a word of its own (`learnt_triggers`): the text
+        encoder is causal, so a word it never saw placed before the colour changes how the colour is read
+        (colours right 9 → 28 of 32)."""
         out = []
         for obj in sorted(self.objects, key=lambda o: o.cx):
             noun = self.triggers.get(obj.shape, obj.shape)
-            texture = self.triggers.get(obj.texture, TEXTURE_WORDS[obj.texture])
-            if obj.texture in self.triggers and not self.learnt_triggers:
-                # A style trigger goes after the colour: the text encoder is causal, so a word it never saw
-                # placed before the colour changes how the colour is read (colours right 9 → 28 of 32).
-                words = f"{obj.colour} {texture}"
-            else:
-                words = f"{texture} {obj.colour}"
+            before, after = [], []
+            for style, default in ((obj.palette, obj.palette), (obj.texture, TEXTURE_WORDS[obj.texture])):
+                if style in self.triggers:
+                    (before if self.learnt_triggers else after).append(self.triggers[style])
+                elif style:
+                    before.append(default)
+            words = " ".join(before + [obj.colour] + after)
             out.append((obj, f"a {obj.size} {words} {noun} {SLOT_PHRASE[obj.slot]}"))
         return out
 
@@ -197,7 +224,7 @@ def render(scene: Scene, seed: int = 0) -> Image.Image:
         alpha = np.asarray(window, np.float32)[..., None] / 255.0
         yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32) / SUPERSAMPLE
         pattern = texture_pattern(obj.texture, xx, yy, rng, obj.cx * IMAGE_SIZE, obj.cy * IMAGE_SIZE)[..., None]
-        base = np.asarray(COLOURS[obj.colour], np.float32)
+        base = obj.rgb
         light = base * 0.35 + 255 * 0.65
         fill = pattern * base + (1 - pattern) * light
         canvas[y0:y1, x0:x1] = alpha * fill + (1 - alpha) * canvas[y0:y1, x0:x1]
@@ -220,13 +247,18 @@ def random_object(rng: random.Random, shapes=BASE_SHAPES, textures=BASE_TEXTURES
 
 
 def random_scene(rng: random.Random, n_objects: int | None = None, shapes=BASE_SHAPES, textures=BASE_TEXTURES,
-                 allow_held_out: bool = False) -> Scene:
+                 allow_held_out: bool = False, palettes=()) -> Scene:
+    """A random scene; with `palettes`, each object is drawn in one of them or in its own colours, equally likely
+    (drawn only when given, so the scenes without palettes stay the same stream)."""
     n = n_objects or rng.choice((1, 1, 2, 2, 3))
     slots = rng.sample(SLOTS, n)
     while True:  # objects never overlap: the judge and the captions describe separate things
         objects = [random_object(rng, shapes, textures, slot, allow_held_out) for slot in slots]
         if all(_apart(a, b) for i, a in enumerate(objects) for b in objects[i + 1:]):
-            return Scene(objects, rng.choice(tuple(BACKGROUNDS)))
+            break
+    for obj in objects if palettes else ():
+        obj.palette = rng.choice(("",) + tuple(palettes))
+    return Scene(objects, rng.choice(tuple(BACKGROUNDS)))
 
 
 def _apart(a: ShapeObject, b: ShapeObject) -> bool:

@@ -23,7 +23,7 @@ from attention.processors import install_processors
 from attention.store import AttentionStore
 from studio.toyworld import model as toymodel
 from studio.toyworld.grounding import grounded_layers, object_token_positions, token_grounding_loss
-from studio.toyworld.render import SHAPES, TEXTURES, image_to_tensor_array, random_scene, render
+from studio.toyworld.render import NOVEL_PALETTES, SHAPES, TEXTURES, image_to_tensor_array, random_scene, render
 
 
 @dataclass
@@ -189,6 +189,9 @@ class DecoderTuneConfig:
     # text encoder never see them. Measured: decoded by a decoder tuned on the base world only, 3 of 32 checkered
     # and 6 of 32 ringed renders kept their texture, which capped the style LoRAs below their bar.
     all_subjects: bool = True
+    # True: and objects in the palettes only the example style LoRAs teach (decoded by a decoder that never saw
+    # them, dark sepia came back green).
+    palettes: bool = False
 
 
 def tune_decoder(vae, cfg: DecoderTuneConfig, progress: bool = True) -> dict:
@@ -203,6 +206,8 @@ def tune_decoder(vae, cfg: DecoderTuneConfig, progress: bool = True) -> dict:
     _, mae_before = vae_report(vae, cfg.seed)
     vae.train()
     subjects = dict(shapes=SHAPES, textures=TEXTURES, allow_held_out=True) if cfg.all_subjects else {}
+    if cfg.palettes:
+        subjects["palettes"] = NOVEL_PALETTES
     bar = tqdm(range(cfg.steps), desc="decoder", disable=not progress)
     for step in bar:
         images, _ = render_batch(cfg.seed + 13, step, cfg.batch_size, **subjects)
