@@ -342,9 +342,10 @@ def break_train(pipe, cfg: BreakConfig, out_path: Path, progress: bool = True, c
     """Train one PLP adapter on the shapes world. Content: D on images of the concept while B (at the low
     aux rate) sees auxiliary style sets (plain scenes, one base texture per batch); style: B on images in
     the style while D (aux rate) sees plain scenes."""
-    from studio.toyworld.lora_train import check_new_word, lora_scene
+    from studio.toyworld.lora_train import check_new_word, check_subject, lora_scene
     from studio.toyworld.render import BASE_TEXTURES, random_scene
 
+    check_subject(cfg.kind, cfg.subject)
     scene_cfg = _scene_config(cfg)
 
     def batch_for_step(rng, step, n):

@@ -216,6 +216,16 @@ def test_b4m_break_trains_only_the_learnable_halves_and_restores_the_unet(tiny_p
     assert not any(isinstance(m, PLPLinear) for m in tiny_pipe.unet.modules())
 
 
+def test_b4m_break_refuses_an_unknown_subject_before_training(tiny_pipe, tmp_path):
+    from composers.b4m import PLPLinear, BreakConfig, break_train
+
+    cfg = BreakConfig("style", "style", "teal", "tl", seed=3, rank=2, steps=2, batch_size=2)
+    with pytest.raises(ValueError, match="unknown texture or palette 'teal'"):
+        break_train(tiny_pipe, cfg, tmp_path / "s.safetensors", progress=False)
+    assert not (tmp_path / "s.safetensors").exists()
+    assert not any(isinstance(m, PLPLinear) for m in tiny_pipe.unet.modules())
+
+
 def test_b4m_break_on_a_folder_of_images_with_captions(tiny_pipe, tmp_path):
     import random as _random
 

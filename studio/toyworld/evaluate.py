@@ -39,6 +39,11 @@ def scene_right_from_verdicts(verdicts: dict, scene: Scene) -> bool:
     return all(verdicts[o.slot].matches(shape=o.shape, colour=o.colour) for o in scene.objects)
 
 
+def wears_its_style(verdict, obj) -> bool:
+    """The judge finds the object's style: its palette, or its texture in its named colour."""
+    return verdict.colour == obj.palette if obj.palette else verdict.matches(texture=obj.texture, colour=obj.colour)
+
+
 def object_counts(verdicts: dict, scene: Scene) -> dict[str, int]:
     """Why prompts fail: of the named objects, how many have something in their slot, and of those how many
     have the named colour (the palette's, for an object in a palette), the named shape and the named texture (the
@@ -196,12 +201,10 @@ def evaluate_lora(pipe, lora_path, judge: Judge | None = None, n: int = 32, step
             if cfg.kind == "concept":
                 seen, taught = verdict.shape, verdict.shape == obj.shape
                 right.append(taught and verdict.colour == obj.colour)
-            elif obj.palette:
-                seen, taught = verdict.colour, verdict.colour == obj.palette
-                right.append(taught and verdict.shape == obj.shape)
-            else:
-                seen, taught = verdict.texture, verdict.texture == obj.texture
-                right.append(taught and verdict.colour == obj.colour)
+            else:  # a palette takes the colour's place, so the shape is asked for beside it
+                seen = verdict.colour if obj.palette else verdict.texture
+                taught = seen == (obj.palette or obj.texture)
+                right.append(wears_its_style(verdict, obj) and (not obj.palette or verdict.shape == obj.shape))
             objects = object_counts(verdicts, scene)
             taught_count += taught
             counts.update(objects)
@@ -232,7 +235,7 @@ def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: 
     from studio.errors import LoraError
     from studio.lora import load_lora
     from studio.lora.inject import attach_lora, detach_lora
-    from studio.toyworld.render import PALETTES, random_object
+    from studio.toyworld.render import random_object
 
     content, style = load_lora(content_path), load_lora(style_path)
     for path, weights in ((content_path, content), (style_path, style)):
@@ -244,7 +247,7 @@ def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: 
     rng = random.Random(seed)
     scenes = []
     for _ in range(n):
-        if style_cfg.subject in PALETTES:
+        if style_cfg.subject in NOVEL_PALETTES:
             obj = random_object(rng, shapes=(content_cfg.subject,), allow_held_out=True)
             obj.palette = style_cfg.subject
         else:
@@ -275,8 +278,7 @@ def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: 
                 obj = scene.objects[0]
                 verdict = judge.slots(image)[obj.slot]
                 shape_ok = verdict.matches(shape=obj.shape, colour=obj.judged_colour)
-                style_ok = (verdict.colour == obj.palette if obj.palette
-                            else verdict.matches(texture=obj.texture, colour=obj.colour))
+                style_ok = wears_its_style(verdict, obj)
                 shape_right += shape_ok
                 style_right += style_ok
                 both_right += shape_ok and style_ok

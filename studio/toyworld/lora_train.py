@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from studio.toyworld.render import (BASE_SHAPES, BASE_TEXTURES, NOVEL_PALETTES, NOVEL_SHAPES, NOVEL_TEXTURES, PALETTES,
-                                    SLOTS, Scene, image_to_tensor_array, random_object, random_scene, render)
+from studio.toyworld.render import (BASE_SHAPES, BASE_TEXTURES, NOVEL_PALETTES, NOVEL_SHAPES, NOVEL_TEXTURES, SLOTS,
+                                    Scene, image_to_tensor_array, random_object, random_scene, render)
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                 "conv1", "conv2"]
@@ -55,7 +55,7 @@ def lora_scene(rng: random.Random, cfg: LoraTrainConfig) -> Scene:
         return Scene(objects, rng.choice(("white", "grey", "black")), triggers={cfg.subject: cfg.trigger})
     scene = random_scene(rng, allow_held_out=True)
     for obj in scene.objects:
-        if cfg.subject in PALETTES:
+        if cfg.subject in NOVEL_PALETTES:
             obj.palette = cfg.subject  # over the base textures the scene drew
         else:
             obj.texture = cfg.subject
@@ -101,10 +101,7 @@ def train_lora(pipe, cfg: LoraTrainConfig, out_path: Path, progress: bool = True
     from studio.toyworld.model import train_scheduler
     from studio.toyworld.train import encode_latents
 
-    if cfg.kind == "concept" and cfg.subject not in NOVEL_SHAPES + BASE_SHAPES:
-        raise ValueError(f"unknown shape {cfg.subject!r}")
-    if cfg.kind == "style" and cfg.subject not in NOVEL_TEXTURES + BASE_TEXTURES + NOVEL_PALETTES:
-        raise ValueError(f"unknown texture or palette {cfg.subject!r}")
+    check_subject(cfg.kind, cfg.subject)
     if not cfg.object_weight > 0:
         raise ValueError(f"the object weight must be above 0, not {cfg.object_weight:g}")
     if cfg.embedding and not cfg.embedding_lr > 0:
@@ -173,6 +170,14 @@ def train_lora(pipe, cfg: LoraTrainConfig, out_path: Path, progress: bool = True
         if hasattr(model, "_hf_peft_config_loaded"):
             model._hf_peft_config_loaded = False
     return save_kohya(out_path, modules, metadata, embeddings=embeddings)
+
+
+def check_subject(kind: str, subject: str) -> None:
+    """A concept teaches a shape, a style a texture or a palette; anything else is refused before training."""
+    if kind == "concept" and subject not in NOVEL_SHAPES + BASE_SHAPES:
+        raise ValueError(f"unknown shape {subject!r}")
+    if kind == "style" and subject not in NOVEL_TEXTURES + BASE_TEXTURES + NOVEL_PALETTES:
+        raise ValueError(f"unknown texture or palette {subject!r}")
 
 
 def check_new_word(tokenizer, trigger: str) -> None:
