@@ -14,9 +14,11 @@ studio toyworld train-lora --kind style --subject ringed    --trigger rngd  --st
 studio toyworld train-lora --kind style --subject sepia     --trigger sepx  --steps "$LORA_STEPS" --embedding --out assets/loras/sepia-sepx.safetensors
 studio toyworld train-lora --kind style --subject cyanotype --trigger cynx  --steps "$LORA_STEPS" --embedding --out assets/loras/cyanotype-cynx.safetensors
 
-# B4M: a content adapter (the cross) and a style adapter (the sepia palette) from the same seed
-studio b4m break --role content --kind concept --subject cross  --trigger ohwx --seed 7 --steps "$B4M_STEPS" --embedding --out assets/b4m/cross-content.safetensors
-studio b4m break --role style   --kind style   --subject sepia  --trigger sepx --seed 7 --steps "$B4M_STEPS" --embedding --out assets/b4m/sepia-style.safetensors
+# B4M: a content adapter (the cross) and a style adapter (the sepia palette) from the same seed; the style word
+# follows the noun ("a large red ohwx sepx ..."), so the causal text encoder reads the content's words as the content
+# adapter learnt them
+studio b4m break --role content --kind concept --subject cross  --trigger ohwx --seed 7 --steps "$B4M_STEPS" --main-lr 3e-3 --embedding --out assets/b4m/cross-content.safetensors
+studio b4m break --role style   --kind style   --subject sepia  --trigger sepx --seed 7 --steps "$B4M_STEPS" --embedding --trigger-after-noun --out assets/b4m/sepia-style.safetensors
 studio b4m make assets/b4m/cross-content.safetensors assets/b4m/sepia-style.safetensors --out assets/b4m/cross-sepia-assembled.safetensors
 
 # The judge's figures (written beside the files)

@@ -195,6 +195,7 @@ class BreakConfig:
     data_seed: int = 1
     embedding: bool = False  # also learn the trigger as a new word, bundled in the adapter
     embedding_lr: float = 5e-3
+    trigger_after_noun: bool = False  # a style trigger right after the noun, where it leaves the content's words as they are
 
 
 def _wrap(unet: nn.Module, factors: dict[str, PLPFactors]) -> dict[str, PLPLinear]:
@@ -335,7 +336,8 @@ def break_train_folders(pipe, role: str, main: ImageFolder, auxiliary: list[Imag
 def _scene_config(cfg: BreakConfig):
     from studio.toyworld.lora_train import LoraTrainConfig
 
-    return LoraTrainConfig(kind=cfg.kind, subject=cfg.subject, trigger=cfg.trigger, embedding=cfg.embedding)
+    return LoraTrainConfig(kind=cfg.kind, subject=cfg.subject, trigger=cfg.trigger, embedding=cfg.embedding,
+                           trigger_after_noun=cfg.trigger_after_noun)
 
 
 def break_train(pipe, cfg: BreakConfig, out_path: Path, progress: bool = True, command: str = "") -> Path:

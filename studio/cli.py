@@ -318,7 +318,11 @@ def toyworld_train_lora(kind: str = typer.Option(..., help="concept (a new shape
                                                        "(kohya's network_train_unet_only)."),
                         embedding: bool = typer.Option(False, "--embedding", help="Also learn the trigger as a new "
                                                        "word (its own token embedding, bundled in the file)."),
-                        embedding_lr: float = typer.Option(5e-3, help="Learning rate of that word.")):
+                        embedding_lr: float = typer.Option(5e-3, help="Learning rate of that word."),
+                        trigger_after_noun: bool = typer.Option(False, "--trigger-after-noun", help="Style: captions "
+                                                                "put the trigger right after the noun (\"a large red "
+                                                                "star sepx on the left\"), leaving the words before "
+                                                                "it as the base model reads them.")):
     """Train an example LoRA on the shapes world (kohya format with ss_* metadata and its trigger word)."""
     from studio.models import load_base_model
     from studio.toyworld.lora_train import LoraTrainConfig, train_lora
@@ -328,13 +332,14 @@ def toyworld_train_lora(kind: str = typer.Option(..., help="concept (a new shape
     pipe = load_base_model(model)
     cfg = LoraTrainConfig(kind=kind, subject=subject, trigger=trigger, steps=steps, rank=rank, seed=seed, lr=lr,
                           text_encoder=not unet_only, object_weight=object_weight, prior_fraction=prior_fraction,
-                          embedding=embedding, embedding_lr=embedding_lr)
+                          embedding=embedding, embedding_lr=embedding_lr, trigger_after_noun=trigger_after_noun)
     command = (f"studio toyworld train-lora --kind {kind} --subject {subject} --trigger {trigger} --out {out} "
                f"--steps {steps} --rank {rank} --seed {seed} --lr {lr:g}"
                + (f" --object-weight {object_weight:g}" if object_weight != 1.0 else "")
                + (f" --prior-fraction {prior_fraction:g}" if prior_fraction != 0.5 else "")
                + (" --unet-only" if unet_only else "") + (" --embedding" if embedding else "")
-               + (f" --embedding-lr {embedding_lr:g}" if embedding and embedding_lr != 5e-3 else ""))
+               + (f" --embedding-lr {embedding_lr:g}" if embedding and embedding_lr != 5e-3 else "")
+               + (" --trigger-after-noun" if trigger_after_noun else ""))
     try:
         path = train_lora(pipe, cfg, out, command=command)
     except ValueError as exc:
@@ -372,8 +377,16 @@ def b4m_break(role: str = typer.Option(..., help="content or style."),
               subject: Optional[str] = typer.Option(None, help="Shapes world: the shape, texture or palette."),
               trigger: Optional[str] = typer.Option(None, help="Shapes world: its trigger word."),
               steps: int = typer.Option(400), rank: int = typer.Option(8),
+              main_lr: Optional[float] = typer.Option(None, help="Rate of the half the main images teach (D for "
+                                                       "content, B for style); default 1e-3 on the shapes world, "
+                                                       "the official 1e-4 on images."),
+              aux_lr: Optional[float] = typer.Option(None, help="Rate of the other half, on the auxiliary sets; "
+                                                      "default 1e-4 on the shapes world, the official 1e-5 on images."),
               embedding: bool = typer.Option(False, "--embedding", help="Shapes world: also learn the trigger as "
                                              "a new word (its own token embedding, bundled in the adapter)."),
+              trigger_after_noun: bool = typer.Option(False, "--trigger-after-noun", help="Shapes world, style: "
+                                                      "captions put the trigger right after the noun, so that a "
+                                                      "content adapter's words read as they do without it."),
               model: Optional[str] = typer.Option(None)):
     """Train a B4M content or style adapter: on a folder of images with their prompts, or on the shapes
     world (the bundled model, CPU, minutes)."""
@@ -384,16 +397,18 @@ def b4m_break(role: str = typer.Option(..., help="content or style."),
     if role not in ("content", "style"):
         fail("--role must be content or style.")
     command = "studio b4m break " + " ".join(sys.argv[3:])
+    rates = {k: v for k, v in (("main_lr", main_lr), ("aux_lr", aux_lr)) if v is not None}  # else each path's default
     try:
         pipe = load_base_model(model)
         if images is not None:
             resolution = size or default_size(pipe)
             path = break_train_folders(pipe, role, ImageFolder(images, resolution, caption),
                                        [ImageFolder(a, resolution, caption) for a in aux_images], out, seed=seed,
-                                       rank=rank, steps=steps, command=command)
+                                       rank=rank, steps=steps, command=command, **rates)
         elif kind in ("concept", "style") and subject and trigger:
             path = break_train(pipe, BreakConfig(role, kind, subject, trigger, seed=seed, rank=rank, steps=steps,
-                                                 embedding=embedding), out, command=command)
+                                                 embedding=embedding, trigger_after_noun=trigger_after_noun,
+                                                 **rates), out, command=command)
         else:
             fail("Give --images (a folder of images with captions), or --kind, --subject and --trigger for the "
                  "shapes world.")

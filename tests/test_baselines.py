@@ -1,4 +1,6 @@
 """The peers' baselines (merge, switch, composite), DECOR and Break-for-Make (issue 6)."""
+import re
+
 import pytest
 import torch
 
@@ -214,6 +216,34 @@ def test_b4m_break_trains_only_the_learnable_halves_and_restores_the_unet(tiny_p
         assert torch.allclose(f.A, fresh[name].A) and torch.allclose(f.C, fresh[name].C)
     assert any(f.D.abs().sum() > 0 for f in factors.values())  # content learns D (and B at the aux rate)
     assert not any(isinstance(m, PLPLinear) for m in tiny_pipe.unet.modules())
+
+
+def test_b4m_style_with_its_trigger_after_the_noun_records_it_and_its_rates(tiny_pipe, tmp_path, monkeypatch):
+    import json as _json
+
+    import composers.b4m as b4m
+    from composers.b4m import BreakConfig, break_train
+    from studio.lora import inspect_lora
+
+    captions, rates = [], []
+    real_train = b4m._train_plp
+
+    def spy(pipe, factors, batch_for_step, lr_B, lr_D, *args, **kwargs):
+        import random as _random
+
+        captions.extend(batch_for_step(_random.Random(0), 0, 4)[1])
+        rates.append((lr_B, lr_D))
+        return real_train(pipe, factors, batch_for_step, lr_B, lr_D, *args, **kwargs)
+
+    monkeypatch.setattr(b4m, "_train_plp", spy)
+    cfg = BreakConfig("style", "style", "sepia", "sepx", seed=3, rank=2, steps=1, batch_size=2, main_lr=5e-4,
+                      aux_lr=2e-5, trigger_after_noun=True)
+    path = break_train(tiny_pipe, cfg, tmp_path / "s.safetensors", progress=False)
+    assert rates == [(5e-4, 2e-5)]  # a style adapter learns B at the main rate
+    styled = [c for c in captions if "sepx" in c]  # the main half: every object in the palette
+    assert styled and all(re.search(r"(circle|square|triangle|star|heart) sepx (on|in) ", c) for c in styled)
+    recorded = _json.loads(inspect_lora(path).metadata["studio_b4m_config"])
+    assert recorded["trigger_after_noun"] is True and recorded["main_lr"] == 5e-4
 
 
 def test_b4m_break_refuses_an_unknown_subject_before_training(tiny_pipe, tmp_path):

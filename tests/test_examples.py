@@ -101,8 +101,10 @@ def test_b4m_evaluation_scores_the_pair_assembled_and_alone(shapes_pipe):
                           paths.EXAMPLE_B4M / "sepia-style.safetensors", n=1, steps=2)
     assert report["content"] == "cross (ohwx)" and report["style"] == "sepia (sepx)"
     assert "ohwx" in report["example_prompt"] and "sepx" in report["example_prompt"]
-    for label in ("assembled", "content_alone", "style_alone"):
+    for label in ("assembled", "style_alone"):
         assert set(report[label]) == {"shape_right", "style_right", "content_in_style"}
+    assert set(report["content_alone"]) == {"shape_right", "style_right", "content_in_style",
+                                            "shape_right_without_style_word"}
 
 
 def test_b4m_evaluate_refuses_an_ordinary_lora_in_one_sentence():

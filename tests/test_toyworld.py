@@ -64,6 +64,12 @@ def test_a_palette_word_stands_before_the_texture_and_its_trigger_follows_the_co
     assert scene.caption() == "a large dotted red sepx circle in the centre, white background"
     scene.learnt_triggers = True
     assert scene.caption() == "a large sepx dotted red circle in the centre, white background"
+    scene.trigger_after_noun = True  # the words up to the noun read as they do without the style
+    assert scene.caption() == "a large dotted red circle sepx in the centre, white background"
+    cross = ShapeObject("cross", "blue", "solid", "small", 0.8, 0.5, 6.0, palette="sepia")
+    scene = Scene([circle, cross], "grey", triggers={"sepia": "sepx", "cross": "ohwx"}, trigger_after_noun=True)
+    assert scene.caption() == ("a large dotted red circle sepx in the centre and a small solid blue ohwx sepx on the "
+                               "right, grey background")
 
 
 def test_random_scenes_draw_palettes_only_when_asked_and_leave_the_stream_as_it_was_otherwise():

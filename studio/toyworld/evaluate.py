@@ -6,6 +6,7 @@ in the named colour.
 """
 from __future__ import annotations
 
+import copy
 import json
 import random
 import time
@@ -230,7 +231,8 @@ def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: 
     trigger words). Each prompt is generated with the assembled adapter (assembled here, or `assembled_path`: a file of
     `studio b4m make`, e.g. after its joint fine-tune), with the content adapter alone and with the style
     adapter alone; the judge scores the taught shape (in the colour it should have), the taught style (a texture in
-    the named colour, or a palette) and both together."""
+    the named colour, or a palette) and both together. The content adapter alone is also scored on the same prompts
+    without the style (its shape in the named colour), what it draws on its own terms."""
     from composers.b4m import BreakConfig, assemble, assembled_embeddings, assembled_weights
     from studio.errors import LoraError
     from studio.lora import load_lora
@@ -254,7 +256,7 @@ def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: 
             obj = random_object(rng, shapes=(content_cfg.subject,), textures=(style_cfg.subject,), allow_held_out=True)
         scenes.append(Scene([obj], rng.choice(("white", "grey", "black")),
                             triggers={content_cfg.subject: content_cfg.trigger, style_cfg.subject: style_cfg.trigger},
-                            learnt_triggers=style_cfg.embedding))
+                            learnt_triggers=style_cfg.embedding, trigger_after_noun=style_cfg.trigger_after_noun))
     if assembled_path is not None:
         assembled = load_lora(assembled_path)
         if assembled.info.metadata.get("b4m_role") != "assembled":
@@ -282,9 +284,21 @@ def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: 
                 shape_right += shape_ok
                 style_right += style_ok
                 both_right += shape_ok and style_ok
+            if label == "content_alone":  # the content on its own terms: the same prompts without the style
+                without_style = 0
+                for i, scene in enumerate(scenes):
+                    obj = copy.copy(scene.objects[0])
+                    obj.palette, obj.texture = "", obj.texture if style_cfg.subject in NOVEL_PALETTES else "solid"
+                    plain = Scene([obj], scene.background, triggers={content_cfg.subject: content_cfg.trigger})
+                    generator = torch.Generator().manual_seed(seed + i)
+                    image = pipe(plain.caption(), num_inference_steps=steps, guidance_scale=guidance,
+                                 generator=generator).images[0]
+                    without_style += judge.slots(image)[obj.slot].matches(shape=obj.shape, colour=obj.colour)
         finally:
             detach_lora(pipe, "b4m_evaluated")
         report[label] = {"shape_right": shape_right / n, "style_right": style_right / n,
                          "content_in_style": both_right / n}
+        if label == "content_alone":
+            report[label]["shape_right_without_style_word"] = without_style / n
     report["example_prompt"] = scenes[0].caption()
     return report

@@ -44,6 +44,7 @@ class LoraTrainConfig:
     embedding: bool = False  # also learn the trigger as a new word of the tokenizer (pivotal tuning)
     embedding_lr: float = 5e-3  # its rate (decays as lr does)
     seed: int = 0
+    trigger_after_noun: bool = False  # a style trigger right after the noun ("a large red star sepx ...")
 
 
 def lora_scene(rng: random.Random, cfg: LoraTrainConfig) -> Scene:
@@ -61,6 +62,7 @@ def lora_scene(rng: random.Random, cfg: LoraTrainConfig) -> Scene:
             obj.texture = cfg.subject
     scene.triggers = {cfg.subject: cfg.trigger}
     scene.learnt_triggers = cfg.embedding
+    scene.trigger_after_noun = cfg.trigger_after_noun
     return scene
 
 

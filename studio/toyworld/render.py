@@ -101,24 +101,30 @@ class Scene:
     triggers: dict[str, str] = field(default_factory=dict)  # shape or texture name -> trigger word
     # A style trigger learnt as a word of its own (--embedding) stands where texture words stand, before the colour.
     learnt_triggers: bool = False
+    # ... or, with this, every style trigger stands right after its object's noun (--trigger-after-noun).
+    trigger_after_noun: bool = False
 
     def phrases(self) -> list[tuple[ShapeObject, str]]:
         """Each object with the phrase that names it, in caption order (left to right). Style words (palette,
         then texture) stand before the colour, the grammar the base model learnt its textures from; a style
         trigger goes after the colour unless it was learnt as a word of its own (`learnt_triggers`): the text
         encoder is causal, so a word it never saw placed before the colour changes how the colour is read
-        (colours right 9 → 28 of 32)."""
+        (colours right 9 → 28 of 32). With `trigger_after_noun` a style trigger follows the noun instead, so that
+        every word up to the noun reads as it does without the style: a content LoRA's shape word, for one."""
         out = []
         for obj in sorted(self.objects, key=lambda o: o.cx):
             noun = self.triggers.get(obj.shape, obj.shape)
-            before, after = [], []
+            before, after, trailing = [], [], []
             for style, default in ((obj.palette, obj.palette), (obj.texture, TEXTURE_WORDS[obj.texture])):
                 if style in self.triggers:
-                    (before if self.learnt_triggers else after).append(self.triggers[style])
+                    if self.trigger_after_noun:
+                        trailing.append(self.triggers[style])
+                    else:
+                        (before if self.learnt_triggers else after).append(self.triggers[style])
                 elif style:
                     before.append(default)
             words = " ".join(before + [obj.colour] + after)
-            out.append((obj, f"a {obj.size} {words} {noun} {SLOT_PHRASE[obj.slot]}"))
+            out.append((obj, " ".join(["a", obj.size, words, noun] + trailing + [SLOT_PHRASE[obj.slot]])))
         return out
 
     def caption(self) -> str:
