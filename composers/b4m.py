@@ -347,8 +347,8 @@ def break_train(pipe, cfg: BreakConfig, out_path: Path, progress: bool = True, c
     from studio.toyworld.lora_train import check_new_word, check_subject, lora_scene
     from studio.toyworld.render import BASE_TEXTURES, random_scene
 
-    check_subject(cfg.kind, cfg.subject)
     scene_cfg = _scene_config(cfg)
+    check_subject(scene_cfg)
 
     def batch_for_step(rng, step, n):
         scenes = []

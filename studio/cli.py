@@ -398,6 +398,9 @@ def b4m_break(role: str = typer.Option(..., help="content or style."),
         fail("--role must be content or style.")
     command = "studio b4m break " + " ".join(sys.argv[3:])
     rates = {k: v for k, v in (("main_lr", main_lr), ("aux_lr", aux_lr)) if v is not None}  # else each path's default
+    if images is not None and (embedding or trigger_after_noun):
+        fail("--embedding and --trigger-after-noun shape the shapes world's captions (with --kind, --subject and "
+             "--trigger); with --images the captions are yours, so write the trigger where it belongs.")
     try:
         pipe = load_base_model(model)
         if images is not None:

@@ -400,3 +400,15 @@ def test_the_trainers_commands_learn_their_trigger_as_a_word_with_embedding(tmp_
                                      str(tmp_path / "never.safetensors"), *model])
     assert known.exit_code == 2 and known.output.count("\n") == 1
     assert "a learnt embedding needs a made-up word" in known.output and not (tmp_path / "never.safetensors").exists()
+    # options that shape the shapes world's captions are refused where there are none to shape, in one sentence
+    concept = CliRunner().invoke(app, ["toyworld", "train-lora", "--kind", "concept", "--subject", "cross", "--trigger",
+                                       "ohwx", "--out", str(tmp_path / "never.safetensors"), "--steps", "1",
+                                       "--trigger-after-noun", *model])
+    assert concept.exit_code == 2 and concept.output.count("\n") == 1
+    assert "only a style's trigger can stand after the noun" in concept.output
+    (tmp_path / "images").mkdir()
+    folder = CliRunner().invoke(app, ["b4m", "break", "--role", "style", "--images", str(tmp_path / "images"),
+                                      "--trigger-after-noun", "--out", str(tmp_path / "never.safetensors"), *model])
+    assert folder.exit_code == 2 and folder.output.count("\n") == 1
+    assert "with --images the captions are yours" in folder.output
+    assert not (tmp_path / "never.safetensors").exists()

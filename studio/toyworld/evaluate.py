@@ -6,12 +6,11 @@ in the named colour.
 """
 from __future__ import annotations
 
-import copy
 import json
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -269,36 +268,35 @@ def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: 
     report = {"content": f"{content_cfg.subject} ({content_cfg.trigger})",
               "style": f"{style_cfg.subject} ({style_cfg.trigger})", "n": n,
               "assembled_from": str(assembled_path) if assembled_path is not None else "the pair, here"}
+    # the content on its own terms: the same prompts without the style (a texture style gives way to "solid")
+    without_style = [Scene([replace(s.objects[0], palette="", texture=s.objects[0].texture
+                                    if style_cfg.subject in NOVEL_PALETTES else "solid")], s.background,
+                           triggers={content_cfg.subject: content_cfg.trigger}) for s in scenes]
+
+    def verdicts(prompt_scenes):
+        """The judge's verdict on each scene's object, generated with the attached adapter (seed + index)."""
+        out = []
+        for i, scene in enumerate(prompt_scenes):
+            image = pipe(scene.caption(), num_inference_steps=steps, guidance_scale=guidance,
+                         generator=torch.Generator().manual_seed(seed + i)).images[0]
+            out.append(judge.slots(image)[scene.objects[0].slot])
+        return out
+
     for label, weights in variants.items():
         attach_lora(pipe, weights, "b4m_evaluated")
         try:
-            shape_right = style_right = both_right = 0
-            for i, scene in enumerate(scenes):
-                generator = torch.Generator().manual_seed(seed + i)
-                image = pipe(scene.caption(), num_inference_steps=steps, guidance_scale=guidance,
-                             generator=generator).images[0]
-                obj = scene.objects[0]
-                verdict = judge.slots(image)[obj.slot]
-                shape_ok = verdict.matches(shape=obj.shape, colour=obj.judged_colour)
-                style_ok = wears_its_style(verdict, obj)
-                shape_right += shape_ok
-                style_right += style_ok
-                both_right += shape_ok and style_ok
-            if label == "content_alone":  # the content on its own terms: the same prompts without the style
-                without_style = 0
-                for i, scene in enumerate(scenes):
-                    obj = copy.copy(scene.objects[0])
-                    obj.palette, obj.texture = "", obj.texture if style_cfg.subject in NOVEL_PALETTES else "solid"
-                    plain = Scene([obj], scene.background, triggers={content_cfg.subject: content_cfg.trigger})
-                    generator = torch.Generator().manual_seed(seed + i)
-                    image = pipe(plain.caption(), num_inference_steps=steps, guidance_scale=guidance,
-                                 generator=generator).images[0]
-                    without_style += judge.slots(image)[obj.slot].matches(shape=obj.shape, colour=obj.colour)
+            seen = verdicts(scenes)
+            seen_without_style = verdicts(without_style) if label == "content_alone" else None
         finally:
             detach_lora(pipe, "b4m_evaluated")
-        report[label] = {"shape_right": shape_right / n, "style_right": style_right / n,
-                         "content_in_style": both_right / n}
-        if label == "content_alone":
-            report[label]["shape_right_without_style_word"] = without_style / n
+        objects = [scene.objects[0] for scene in scenes]
+        shape_ok = [v.matches(shape=o.shape, colour=o.judged_colour) for v, o in zip(seen, objects)]
+        style_ok = [wears_its_style(v, o) for v, o in zip(seen, objects)]
+        report[label] = {"shape_right": sum(shape_ok) / n, "style_right": sum(style_ok) / n,
+                         "content_in_style": sum(a and b for a, b in zip(shape_ok, style_ok)) / n}
+        if seen_without_style is not None:
+            report[label]["shape_right_without_style_word"] = sum(
+                v.matches(shape=s.objects[0].shape, colour=s.objects[0].colour)
+                for v, s in zip(seen_without_style, without_style)) / n
     report["example_prompt"] = scenes[0].caption()
     return report

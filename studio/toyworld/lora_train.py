@@ -103,7 +103,7 @@ def train_lora(pipe, cfg: LoraTrainConfig, out_path: Path, progress: bool = True
     from studio.toyworld.model import train_scheduler
     from studio.toyworld.train import encode_latents
 
-    check_subject(cfg.kind, cfg.subject)
+    check_subject(cfg)
     if not cfg.object_weight > 0:
         raise ValueError(f"the object weight must be above 0, not {cfg.object_weight:g}")
     if cfg.embedding and not cfg.embedding_lr > 0:
@@ -174,12 +174,16 @@ def train_lora(pipe, cfg: LoraTrainConfig, out_path: Path, progress: bool = True
     return save_kohya(out_path, modules, metadata, embeddings=embeddings)
 
 
-def check_subject(kind: str, subject: str) -> None:
-    """A concept teaches a shape, a style a texture or a palette; anything else is refused before training."""
-    if kind == "concept" and subject not in NOVEL_SHAPES + BASE_SHAPES:
-        raise ValueError(f"unknown shape {subject!r}")
-    if kind == "style" and subject not in NOVEL_TEXTURES + BASE_TEXTURES + NOVEL_PALETTES:
-        raise ValueError(f"unknown texture or palette {subject!r}")
+def check_subject(cfg: LoraTrainConfig) -> None:
+    """A concept teaches a shape, a style a texture or a palette, and only a style's trigger can stand after the
+    noun; anything else is refused before training."""
+    if cfg.kind == "concept" and cfg.subject not in NOVEL_SHAPES + BASE_SHAPES:
+        raise ValueError(f"unknown shape {cfg.subject!r}")
+    if cfg.kind == "style" and cfg.subject not in NOVEL_TEXTURES + BASE_TEXTURES + NOVEL_PALETTES:
+        raise ValueError(f"unknown texture or palette {cfg.subject!r}")
+    if cfg.trigger_after_noun and cfg.kind != "style":
+        raise ValueError(f"only a style's trigger can stand after the noun (--trigger-after-noun); the {cfg.kind}'s "
+                         f"trigger {cfg.trigger!r} is the noun itself")
 
 
 def check_new_word(tokenizer, trigger: str) -> None:
