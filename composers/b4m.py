@@ -196,6 +196,14 @@ class BreakConfig:
     embedding: bool = False  # also learn the trigger as a new word, bundled in the adapter
     embedding_lr: float = 5e-3
     trigger_after_noun: bool = False  # a style trigger right after the noun, where it leaves the content's words as they are
+    # Content only: the styles (textures or palettes) of the auxiliary sets B learns from, one per step in turn; empty,
+    # the base textures. Styles the base model never saw make B learn, so D learns the content beside a live B,
+    # as it will sit beside the style adapter's B once assembled (the paper's auxiliary style sets).
+    aux_styles: tuple = ()
+    # Each learnable half learns only from its own images (D from the content, B from the auxiliary sets, for a
+    # content adapter; the mirror for a style one), as the official trainers' two optimisers do; else both halves
+    # learn from every image, at their own rates.
+    split_sets: bool = False
 
 
 def _wrap(unet: nn.Module, factors: dict[str, PLPFactors]) -> dict[str, PLPLinear]:
@@ -217,14 +225,17 @@ def _unwrap(unet: nn.Module, wrapped: dict[str, PLPLinear]) -> None:
 
 
 def _train_plp(pipe, factors: dict[str, PLPFactors], batch_for_step, lr_B: float, lr_D: float, steps: int,
-               batch_size: int, seed: int, desc: str, progress: bool, word: str | None = None, lr_word: float = 0.0
-               ) -> tuple[dict[str, PLPFactors], dict]:
+               batch_size: int, seed: int, desc: str, progress: bool, word: str | None = None, lr_word: float = 0.0,
+               main_half: str | None = None) -> tuple[dict[str, PLPFactors], dict]:
     """Train the learnable halves (B at lr_B, D at lr_D; a zero rate freezes one) of PLP adapters wrapped
     into the UNet; the frozen halves never change. `batch_for_step(rng, step, n)` gives (images in
-    [-1, 1], captions); the loss follows the model's own noise schedule and prediction type, and the
-    conditioning is encoded as the pipeline encodes it (both text encoders on SDXL). With `word`, that
-    trigger is also learnt as a new token of the (first) text encoder, at lr_word; returns the factors and
-    the learnt words ({word: {"text_encoder": vector}}, empty without one)."""
+    [-1, 1], captions) or (images, captions, main) with `main` a boolean per image; the loss follows the
+    model's own noise schedule and prediction type, and the conditioning is encoded as the pipeline encodes
+    it (both text encoders on SDXL). With `main_half` ("D" or "B"), that half (and the word) learns only from
+    the main images and the other half only from the rest, as the official trainers' two optimisers do;
+    without it both halves learn from the whole batch. With `word`, that trigger is also learnt as a new
+    token of the (first) text encoder, at lr_word; returns the factors and the learnt words
+    ({word: {"text_encoder": vector}}, empty without one)."""
     from diffusers import DDPMScheduler
 
     from studio.engine import encode
@@ -245,8 +256,9 @@ def _train_plp(pipe, factors: dict[str, PLPFactors], batch_for_step, lr_B: float
         opt = torch.optim.AdamW([g for g in groups if g["lr"] > 0])
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         rng = random.Random(seed)
+        halves = {"B": [l.B for l in wrapped.values()], "D": [l.D for l in wrapped.values()]}
         for step in tqdm(range(steps), desc=desc, disable=not progress):
-            images, captions = batch_for_step(rng, step, batch_size)
+            images, captions, *main = batch_for_step(rng, step, batch_size)
             images = images.to(device=vae.device, dtype=vae.dtype)
             gen = torch.Generator().manual_seed(seed * 7919 + step)
             latents = encode_latents(vae, images).to(unet.dtype)
@@ -259,9 +271,20 @@ def _train_plp(pipe, factors: dict[str, PLPFactors], batch_for_step, lr_B: float
                         added_cond_kwargs=cond.added).sample
             target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
                 noise_scheduler.get_velocity(latents, noise, t)
-            loss = F.mse_loss(pred.float(), target.float())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if main_half is None:
+                F.mse_loss(pred.float(), target.float()).backward()
+            else:
+                is_main = torch.as_tensor(main[0], dtype=torch.bool, device=pred.device)
+                per_image = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+                main_params = halves[main_half] + ([trigger.table] if trigger is not None else [])
+                other_params = halves["D" if main_half == "B" else "B"]
+                for params, chosen in ((main_params, is_main), (other_params, ~is_main)):
+                    if chosen.any():
+                        grads = torch.autograd.grad(per_image[chosen].mean(), params, retain_graph=True,
+                                                    allow_unused=True)
+                        for param, grad in zip(params, grads):
+                            param.grad = grad
             opt.step()
         trained = {name: layer.factors() for name, layer in wrapped.items()}
     finally:
@@ -311,21 +334,24 @@ class ImageFolder:
 
 def break_train_folders(pipe, role: str, main: ImageFolder, auxiliary: list[ImageFolder], out_path: Path,
                         seed: int = 7, rank: int = 64, steps: int = 500, batch_size: int = 2,
-                        main_lr: float = 1e-4, aux_lr: float = 1e-5, progress: bool = True, command: str = "") -> Path:
+                        main_lr: float = 1e-4, aux_lr: float = 1e-5, progress: bool = True, command: str = "",
+                        split_sets: bool = False) -> Path:
     """"Break" on a real model: the content adapter learns D on the content images (official lr 1e-4)
     while B sees the auxiliary style sets (1e-5); the style adapter is the mirror image. Half of every
-    batch comes from the main images, half from one auxiliary set in turn."""
+    batch comes from the main images, half from one auxiliary set in turn. `split_sets`: each half learns
+    only from its own images (`BreakConfig.split_sets`)."""
     def batch_for_step(rng, step, n):
         half = max(1, n // 2)
         images, captions = main.sample(rng, half)
         if auxiliary and n > half:
             aux_images, aux_captions = auxiliary[step % len(auxiliary)].sample(rng, n - half)
             images, captions = torch.cat([images, aux_images]), captions + aux_captions
-        return images, captions
+        return images, captions, [i < half for i in range(len(captions))]
 
     lr_B, lr_D = (aux_lr, main_lr) if role == "content" else (main_lr, aux_lr)
     trained, _ = _train_plp(pipe, create_plp_adapter(pipe.unet, rank, seed), batch_for_step, lr_B, lr_D, steps,
-                            batch_size, seed + 1, f"b4m {role}", progress)
+                            batch_size, seed + 1, f"b4m {role}", progress,
+                            main_half=("D" if role == "content" else "B") if split_sets else None)
     from studio.models import model_family
 
     base = {"SD1.x": "sd_v1", "SD2.x": "sd_v2", "SDXL": "sdxl_base_v1-0"}.get(model_family(pipe), "shapes_world_v1")
@@ -340,34 +366,55 @@ def _scene_config(cfg: BreakConfig):
                            trigger_after_noun=cfg.trigger_after_noun)
 
 
+def check_aux_styles(cfg: BreakConfig) -> None:
+    """Auxiliary styles are a content adapter's, each a texture or palette of the shapes world."""
+    from studio.toyworld.render import NOVEL_PALETTES, TEXTURES
+
+    if cfg.aux_styles and cfg.role != "content":
+        raise ValueError("auxiliary styles (--aux-style) are the style sets a content adapter's B learns from; a style "
+                         "adapter's auxiliary sets are plain contents")
+    for style in cfg.aux_styles:
+        if style not in TEXTURES + NOVEL_PALETTES:
+            raise ValueError(f"unknown auxiliary style {style!r}: give a texture ({', '.join(TEXTURES)}) or a palette "
+                             f"({', '.join(NOVEL_PALETTES)})")
+        if style == cfg.subject:
+            raise ValueError(f"the auxiliary style {style!r} is the adapter's own subject")
+
+
 def break_train(pipe, cfg: BreakConfig, out_path: Path, progress: bool = True, command: str = "") -> Path:
     """Train one PLP adapter on the shapes world. Content: D on images of the concept while B (at the low
     aux rate) sees auxiliary style sets (plain scenes, one base texture per batch); style: B on images in
     the style while D (aux rate) sees plain scenes."""
     from studio.toyworld.lora_train import check_new_word, check_subject, lora_scene
-    from studio.toyworld.render import BASE_TEXTURES, random_scene
+    from studio.toyworld.render import BASE_TEXTURES, NOVEL_PALETTES, random_scene
 
     scene_cfg = _scene_config(cfg)
     check_subject(scene_cfg)
+    check_aux_styles(cfg)
+    aux_styles = tuple(cfg.aux_styles) or BASE_TEXTURES
 
     def batch_for_step(rng, step, n):
         scenes = []
         for i in range(n):
-            if i % 2 == 0:
+            if i % 2 == 0:  # the main images
                 scenes.append(lora_scene(rng, scene_cfg))
             else:
-                scene = random_scene(rng)
+                scene, style = random_scene(rng), aux_styles[step % len(aux_styles)]
                 for obj in scene.objects:
-                    obj.texture = BASE_TEXTURES[step % len(BASE_TEXTURES)]
+                    if style in NOVEL_PALETTES:
+                        obj.palette = style
+                    else:
+                        obj.texture = style
                 scenes.append(scene)
-        return _render_batch(scenes, rng)
+        return (*_render_batch(scenes, rng), [i % 2 == 0 for i in range(n)])
 
     if cfg.embedding:
         check_new_word(pipe.tokenizer, cfg.trigger)
     lr_B, lr_D = (cfg.aux_lr, cfg.main_lr) if cfg.role == "content" else (cfg.main_lr, cfg.aux_lr)
     trained, words = _train_plp(pipe, create_plp_adapter(pipe.unet, cfg.rank, cfg.seed), batch_for_step, lr_B,
                                 lr_D, cfg.steps, cfg.batch_size, cfg.data_seed, f"b4m {cfg.role}", progress,
-                                word=cfg.trigger if cfg.embedding else None, lr_word=cfg.embedding_lr)
+                                word=cfg.trigger if cfg.embedding else None, lr_word=cfg.embedding_lr,
+                                main_half=("D" if cfg.role == "content" else "B") if cfg.split_sets else None)
     meta = {"modelspec.trigger_phrase": cfg.trigger, "ss_tag_frequency": json.dumps({"b4m": {cfg.trigger: cfg.steps}}),
             "ss_training_comment": command, "studio_b4m_config": json.dumps(asdict(cfg))}
     return save_plp_adapter(out_path, trained, cfg.role, cfg.seed, meta, embeddings=words)

@@ -349,14 +349,18 @@ def toyworld_train_lora(kind: str = typer.Option(..., help="concept (a new shape
 
 @toyworld.command("evaluate-lora")
 def toyworld_evaluate_lora(lora: Path = typer.Argument(..., help="A shapes-world LoRA made by train-lora."),
-                           n: int = typer.Option(32), steps: int = typer.Option(20),
-                           guidance: float = typer.Option(5.0), weight: float = typer.Option(1.0)):
+                           n: int = typer.Option(128, help="Prompts (each ±1/n; 32 prompts leave about ±7 "
+                                                            "points of sampling error, 128 about ±3)."),
+                           steps: int = typer.Option(20), guidance: float = typer.Option(5.0),
+                           weight: float = typer.Option(1.0),
+                           seed: int = typer.Option(4048, help="Seed of the prompts and of their generations.")):
     """Score a shapes-world LoRA used alone with the judge (its shape or texture, and colour)."""
     from studio.models import load_base_model
     from studio.toyworld.evaluate import evaluate_lora
 
     try:
-        report = evaluate_lora(load_base_model(), lora, n=n, steps=steps, guidance=guidance, weight=weight)
+        report = evaluate_lora(load_base_model(), lora, n=n, steps=steps, guidance=guidance, weight=weight,
+                               seed=seed)
     except StudioError as exc:
         fail(str(exc))
     typer.echo(json.dumps(report, indent=1))
@@ -387,6 +391,12 @@ def b4m_break(role: str = typer.Option(..., help="content or style."),
               trigger_after_noun: bool = typer.Option(False, "--trigger-after-noun", help="Shapes world, style: "
                                                       "captions put the trigger right after the noun, so that a "
                                                       "content adapter's words read as they do without it."),
+              aux_style: list[str] = typer.Option([], help="Shapes world, content: a style (texture or palette) of "
+                                                   "the auxiliary sets B learns from; repeatable (default: the base "
+                                                   "textures)."),
+              split_sets: bool = typer.Option(False, "--split-sets", help="Each learnable half learns only from "
+                                              "its own images (for content: D from the content, B from the "
+                                              "auxiliary sets), as the official trainers' two optimisers do."),
               model: Optional[str] = typer.Option(None)):
     """Train a B4M content or style adapter: on a folder of images with their prompts, or on the shapes
     world (the bundled model, CPU, minutes)."""
@@ -401,17 +411,20 @@ def b4m_break(role: str = typer.Option(..., help="content or style."),
     if images is not None and (embedding or trigger_after_noun):
         fail("--embedding and --trigger-after-noun shape the shapes world's captions (with --kind, --subject and "
              "--trigger); with --images the captions are yours, so write the trigger where it belongs.")
+    if images is not None and aux_style:
+        fail("--aux-style draws shapes-world auxiliary sets; with --images give them as folders (--aux-images).")
     try:
         pipe = load_base_model(model)
         if images is not None:
             resolution = size or default_size(pipe)
             path = break_train_folders(pipe, role, ImageFolder(images, resolution, caption),
                                        [ImageFolder(a, resolution, caption) for a in aux_images], out, seed=seed,
-                                       rank=rank, steps=steps, command=command, **rates)
+                                       rank=rank, steps=steps, command=command, split_sets=split_sets, **rates)
         elif kind in ("concept", "style") and subject and trigger:
             path = break_train(pipe, BreakConfig(role, kind, subject, trigger, seed=seed, rank=rank, steps=steps,
                                                  embedding=embedding, trigger_after_noun=trigger_after_noun,
-                                                 **rates), out, command=command)
+                                                 aux_styles=tuple(aux_style), split_sets=split_sets, **rates),
+                               out, command=command)
         else:
             fail("Give --images (a folder of images with captions), or --kind, --subject and --trigger for the "
                  "shapes world.")
@@ -445,7 +458,8 @@ def b4m_make(content: Path = typer.Argument(...), style: Path = typer.Argument(.
 @b4m.command("evaluate")
 def b4m_evaluate(content: Path = typer.Argument(..., help="B4M content adapter (shapes world)."),
                  style: Path = typer.Argument(..., help="B4M style adapter made with the same seed."),
-                 n: int = typer.Option(16), steps: int = typer.Option(20), guidance: float = typer.Option(5.0),
+                 n: int = typer.Option(32, help="Prompts (32: about ±8 points of sampling error; 16: ±12)."),
+                 steps: int = typer.Option(20), guidance: float = typer.Option(5.0),
                  assembled: Optional[Path] = typer.Option(None, help="Score this file of `studio b4m make` (e.g. "
                                                            "after --finetune-steps) as the assembled adapter.")):
     """Score a shapes-world B4M pair with the judge: the content's shape in the style's texture, assembled,

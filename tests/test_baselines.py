@@ -246,6 +246,64 @@ def test_b4m_style_with_its_trigger_after_the_noun_records_it_and_its_rates(tiny
     assert recorded["trigger_after_noun"] is True and recorded["main_lr"] == 5e-4
 
 
+def test_b4m_content_learns_beside_auxiliary_styles_in_turn(tiny_pipe, tmp_path, monkeypatch):
+    import json as _json
+    import random as _random
+
+    import composers.b4m as b4m
+    from composers.b4m import BreakConfig, break_train
+    from studio.lora import inspect_lora
+
+    batches = []
+    real_train = b4m._train_plp
+
+    def spy(pipe, factors, batch_for_step, *args, **kwargs):
+        batches.extend(batch_for_step(_random.Random(0), step, 4)[1] for step in range(2))
+        return real_train(pipe, factors, batch_for_step, *args, **kwargs)
+
+    monkeypatch.setattr(b4m, "_train_plp", spy)
+    cfg = BreakConfig("content", "concept", "cross", "ohwx", seed=3, rank=2, steps=1, batch_size=2,
+                      aux_styles=("cyanotype", "checkered"))
+    path = break_train(tiny_pipe, cfg, tmp_path / "c.safetensors", progress=False)
+    step0, step1 = batches
+    assert all("ohwx" in c for c in step0[0::2]) and all("ohwx" in c for c in step1[0::2])  # the main half
+    # the auxiliary half: every object in step 0's style, then step 1's
+    assert all(c.count("cyanotype") == c.count(" a ") + c.startswith("a ") for c in step0[1::2])
+    assert all(c.count("checkered") == c.count(" a ") + c.startswith("a ") for c in step1[1::2])
+    assert _json.loads(inspect_lora(path).metadata["studio_b4m_config"])["aux_styles"] == ["cyanotype", "checkered"]
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_b4m_split_sets_teach_each_half_only_from_its_own_images(tiny_pipe, main):
+    import random as _random
+
+    from composers.b4m import _render_batch, _train_plp, create_plp_adapter
+    from studio.toyworld.render import random_scene
+
+    def batch_for_step(rng, step, n):  # every image main, or none
+        return (*_render_batch([random_scene(rng) for _ in range(n)], rng), [main] * n)
+
+    trained, _ = _train_plp(tiny_pipe, create_plp_adapter(tiny_pipe.unet, 2, 3), batch_for_step, 1e-3, 1e-3, 2, 2,
+                            0, "split", False, main_half="D")
+    B_moved = any(f.B.abs().sum() > 0 for f in trained.values())
+    D_moved = any(f.D.abs().sum() > 0 for f in trained.values())
+    assert (D_moved, B_moved) == ((True, False) if main else (False, True))
+
+
+@pytest.mark.parametrize("role, aux, message", [
+    ("style", ("cyanotype",), "a style adapter's auxiliary sets are plain contents"),
+    ("content", ("teal",), "unknown auxiliary style 'teal'"),
+])
+def test_b4m_break_refuses_wrong_auxiliary_styles(tiny_pipe, tmp_path, role, aux, message):
+    from composers.b4m import BreakConfig, break_train
+
+    kind, subject = ("style", "sepia") if role == "style" else ("concept", "cross")
+    cfg = BreakConfig(role, kind, subject, "ohwx", seed=3, rank=2, steps=1, batch_size=2, aux_styles=aux)
+    with pytest.raises(ValueError, match=message):
+        break_train(tiny_pipe, cfg, tmp_path / "x.safetensors", progress=False)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_b4m_break_refuses_an_unknown_subject_before_training(tiny_pipe, tmp_path):
     from composers.b4m import PLPLinear, BreakConfig, break_train
 
@@ -281,3 +339,8 @@ def test_b4m_break_on_a_folder_of_images_with_captions(tiny_pipe, tmp_path):
     assert meta["b4m_role"] == "content" and meta["ss_base_model_version"] == "shapes_world_v1"
     assert all(torch.allclose(f.A, fresh[n].A) and torch.allclose(f.C, fresh[n].C) for n, f in factors.items())
     assert any(f.D.abs().sum() > 0 for f in factors.values())
+    # split sets and no auxiliary set: only the content's half learns
+    split = break_train_folders(tiny_pipe, "content", ImageFolder(folder, 64), [], tmp_path / "split.safetensors",
+                                seed=4, rank=2, steps=2, progress=False, split_sets=True)
+    factors, _ = read_plp_adapter(split)
+    assert all(f.B.abs().sum() == 0 for f in factors.values()) and any(f.D.abs().sum() > 0 for f in factors.values())

@@ -167,7 +167,7 @@ def evaluate_vae(vae, judge: Judge | None = None, n: int = 64, seed: int = 2024,
     return report
 
 
-def evaluate_lora(pipe, lora_path, judge: Judge | None = None, n: int = 32, steps: int = 20, guidance: float = 5.0,
+def evaluate_lora(pipe, lora_path, judge: Judge | None = None, n: int = 128, steps: int = 20, guidance: float = 5.0,
                   weight: float = 1.0, seed: int = 4048) -> dict:
     """A LoRA of train-lora used alone: one object (its shape, or a base shape in its texture or palette) per
     prompt, with the trigger word; right when the judge finds, in the object's slot, the taught shape or texture
@@ -218,13 +218,13 @@ def evaluate_lora(pipe, lora_path, judge: Judge | None = None, n: int = 32, step
         detach_lora(pipe, "evaluated")
     return {"lora": str(lora_path), "kind": cfg.kind, "subject": cfg.subject, "trigger": cfg.trigger,
             "taught_right": sum(right) / len(right), "ordinary_prompts_right_with_lora": sum(ordinary_right) / 16,
-            "n": n, "weight": weight,
+            "n": n, "weight": weight, "seed": seed,
             "objects": {"drawn_in_slot": counts["drawn_in_slot"],
                         "taught": taught_count,
                         "colour_right": counts["colour_right"], "drawn_instead": dict(drawn_instead.most_common())}}
 
 
-def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: int = 16, steps: int = 20,
+def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: int = 32, steps: int = 20,
                  guidance: float = 5.0, seed: int = 6072, assembled_path=None) -> dict:
     """A B4M pair of the shapes world: prompts name the content's shape in the style's texture or palette (both
     trigger words). Each prompt is generated with the assembled adapter (assembled here, or `assembled_path`: a file of
