@@ -196,9 +196,8 @@ class BreakConfig:
     embedding: bool = False  # also learn the trigger as a new word, bundled in the adapter
     embedding_lr: float = 5e-3
     trigger_after_noun: bool = False  # a style trigger right after the noun, where it leaves the content's words as they are
-    # Content only: the styles (textures or palettes) of the auxiliary sets B learns from, one per step in turn; empty,
-    # the base textures. Styles the base model never saw make B learn, so D learns the content beside a live B,
-    # as it will sit beside the style adapter's B once assembled (the paper's auxiliary style sets).
+    # Content only: the styles (textures or palettes) of the auxiliary sets B learns from, one per step in turn (the
+    # paper's auxiliary style sets); empty, the base textures, which the base model draws already.
     aux_styles: tuple = ()
     # Each learnable half learns only from its own images (D from the content, B from the auxiliary sets, for a
     # content adapter; the mirror for a style one), as the official trainers' two optimisers do; else both halves
@@ -377,14 +376,12 @@ def check_aux_styles(cfg: BreakConfig) -> None:
         if style not in TEXTURES + NOVEL_PALETTES:
             raise ValueError(f"unknown auxiliary style {style!r}: give a texture ({', '.join(TEXTURES)}) or a palette "
                              f"({', '.join(NOVEL_PALETTES)})")
-        if style == cfg.subject:
-            raise ValueError(f"the auxiliary style {style!r} is the adapter's own subject")
 
 
 def break_train(pipe, cfg: BreakConfig, out_path: Path, progress: bool = True, command: str = "") -> Path:
     """Train one PLP adapter on the shapes world. Content: D on images of the concept while B (at the low
-    aux rate) sees auxiliary style sets (plain scenes, one base texture per batch); style: B on images in
-    the style while D (aux rate) sees plain scenes."""
+    aux rate) sees auxiliary style sets (plain scenes, one style per batch: a base texture, or `aux_styles`);
+    style: B on images in the style while D (aux rate) sees plain scenes. Half of every batch is main images."""
     from studio.toyworld.lora_train import check_new_word, check_subject, lora_scene
     from studio.toyworld.render import BASE_TEXTURES, NOVEL_PALETTES, random_scene
 
