@@ -200,8 +200,8 @@ class BreakConfig:
     # paper's auxiliary style sets); empty, the base textures, which the base model draws already.
     aux_styles: tuple = ()
     # Each learnable half learns only from its own images (D from the content, B from the auxiliary sets, for a
-    # content adapter; the mirror for a style one), as the official trainers' two optimisers do; else both halves
-    # learn from every image, at their own rates.
+    # content adapter; the mirror for a style one): the official trainers' split, one optimiser per loss (theirs
+    # carry gradients over between the two); else both halves learn from every image, at their own rates.
     split_sets: bool = False
 
 
@@ -231,7 +231,7 @@ def _train_plp(pipe, factors: dict[str, PLPFactors], batch_for_step, lr_B: float
     [-1, 1], captions) or (images, captions, main) with `main` a boolean per image; the loss follows the
     model's own noise schedule and prediction type, and the conditioning is encoded as the pipeline encodes
     it (both text encoders on SDXL). With `main_half` ("D" or "B"), that half (and the word) learns only from
-    the main images and the other half only from the rest, as the official trainers' two optimisers do;
+    the main images and the other half only from the rest (the official trainers' one optimiser per loss);
     without it both halves learn from the whole batch. With `word`, that trigger is also learnt as a new
     token of the (first) text encoder, at lr_word; returns the factors and the learnt words
     ({word: {"text_encoder": vector}}, empty without one)."""

@@ -396,7 +396,7 @@ def b4m_break(role: str = typer.Option(..., help="content or style."),
                                                    "textures)."),
               split_sets: bool = typer.Option(False, "--split-sets", help="Each learnable half learns only from "
                                               "its own images (for content: D from the content, B from the "
-                                              "auxiliary sets), as the official trainers' two optimisers do."),
+                                              "auxiliary sets): the official trainers' one optimiser per loss."),
               model: Optional[str] = typer.Option(None)):
     """Train a B4M content or style adapter: on a folder of images with their prompts, or on the shapes
     world (the bundled model, CPU, minutes)."""
