@@ -27,6 +27,7 @@ from studio.engine import Session
 from studio.errors import LoraError, PresetError
 
 PLP_TARGETS = (".to_q", ".to_k", ".to_v", ".to_out.0")
+MAIN_HALF = {"content": "D", "style": "B"}  # the learnable half each role's main images teach
 NOT_B4M = ("B4M assembly combines a content and a style adapter trained as B4M partly-learnable projections from "
            "one seed; {name} is an ordinary LoRA, whose internal basis is arbitrary, so the halves would not fit "
            "together. Use the merge, regional or another method for ordinary LoRAs.")
@@ -350,7 +351,7 @@ def break_train_folders(pipe, role: str, main: ImageFolder, auxiliary: list[Imag
     lr_B, lr_D = (aux_lr, main_lr) if role == "content" else (main_lr, aux_lr)
     trained, _ = _train_plp(pipe, create_plp_adapter(pipe.unet, rank, seed), batch_for_step, lr_B, lr_D, steps,
                             batch_size, seed + 1, f"b4m {role}", progress,
-                            main_half=("D" if role == "content" else "B") if split_sets else None)
+                            main_half=MAIN_HALF[role] if split_sets else None)
     from studio.models import model_family
 
     base = {"SD1.x": "sd_v1", "SD2.x": "sd_v2", "SDXL": "sdxl_base_v1-0"}.get(model_family(pipe), "shapes_world_v1")
@@ -367,13 +368,13 @@ def _scene_config(cfg: BreakConfig):
 
 def check_aux_styles(cfg: BreakConfig) -> None:
     """Auxiliary styles are a content adapter's, each a texture or palette of the shapes world."""
-    from studio.toyworld.render import NOVEL_PALETTES, TEXTURES
+    from studio.toyworld.render import NOVEL_PALETTES, STYLES, TEXTURES
 
     if cfg.aux_styles and cfg.role != "content":
         raise ValueError("auxiliary styles (--aux-style) are the style sets a content adapter's B learns from; a style "
                          "adapter's auxiliary sets are plain contents")
     for style in cfg.aux_styles:
-        if style not in TEXTURES + NOVEL_PALETTES:
+        if style not in STYLES:
             raise ValueError(f"unknown auxiliary style {style!r}: give a texture ({', '.join(TEXTURES)}) or a palette "
                              f"({', '.join(NOVEL_PALETTES)})")
 
@@ -383,7 +384,7 @@ def break_train(pipe, cfg: BreakConfig, out_path: Path, progress: bool = True, c
     aux rate) sees auxiliary style sets (plain scenes, one style per batch: a base texture, or `aux_styles`);
     style: B on images in the style while D (aux rate) sees plain scenes. Half of every batch is main images."""
     from studio.toyworld.lora_train import check_new_word, check_subject, lora_scene
-    from studio.toyworld.render import BASE_TEXTURES, NOVEL_PALETTES, random_scene
+    from studio.toyworld.render import BASE_TEXTURES, random_scene
 
     scene_cfg = _scene_config(cfg)
     check_subject(scene_cfg)
@@ -396,12 +397,9 @@ def break_train(pipe, cfg: BreakConfig, out_path: Path, progress: bool = True, c
             if i % 2 == 0:  # the main images
                 scenes.append(lora_scene(rng, scene_cfg))
             else:
-                scene, style = random_scene(rng), aux_styles[step % len(aux_styles)]
+                scene = random_scene(rng)
                 for obj in scene.objects:
-                    if style in NOVEL_PALETTES:
-                        obj.palette = style
-                    else:
-                        obj.texture = style
+                    obj.wear(aux_styles[step % len(aux_styles)])
                 scenes.append(scene)
         return (*_render_batch(scenes, rng), [i % 2 == 0 for i in range(n)])
 
@@ -411,7 +409,7 @@ def break_train(pipe, cfg: BreakConfig, out_path: Path, progress: bool = True, c
     trained, words = _train_plp(pipe, create_plp_adapter(pipe.unet, cfg.rank, cfg.seed), batch_for_step, lr_B,
                                 lr_D, cfg.steps, cfg.batch_size, cfg.data_seed, f"b4m {cfg.role}", progress,
                                 word=cfg.trigger if cfg.embedding else None, lr_word=cfg.embedding_lr,
-                                main_half=("D" if cfg.role == "content" else "B") if cfg.split_sets else None)
+                                main_half=MAIN_HALF[cfg.role] if cfg.split_sets else None)
     meta = {"modelspec.trigger_phrase": cfg.trigger, "ss_tag_frequency": json.dumps({"b4m": {cfg.trigger: cfg.steps}}),
             "ss_training_comment": command, "studio_b4m_config": json.dumps(asdict(cfg))}
     return save_plp_adapter(out_path, trained, cfg.role, cfg.seed, meta, embeddings=words)

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from studio.toyworld.render import (BASE_SHAPES, BASE_TEXTURES, NOVEL_PALETTES, NOVEL_SHAPES, NOVEL_TEXTURES, SLOTS,
-                                    Scene, image_to_tensor_array, random_object, random_scene, render)
+from studio.toyworld.render import (BASE_SHAPES, NOVEL_SHAPES, SLOTS, STYLES, Scene, image_to_tensor_array,
+                                    random_object, random_scene, render)
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                 "conv1", "conv2"]
@@ -56,10 +56,7 @@ def lora_scene(rng: random.Random, cfg: LoraTrainConfig) -> Scene:
         return Scene(objects, rng.choice(("white", "grey", "black")), triggers={cfg.subject: cfg.trigger})
     scene = random_scene(rng, allow_held_out=True)
     for obj in scene.objects:
-        if cfg.subject in NOVEL_PALETTES:
-            obj.palette = cfg.subject  # over the base textures the scene drew
-        else:
-            obj.texture = cfg.subject
+        obj.wear(cfg.subject)
     scene.triggers = {cfg.subject: cfg.trigger}
     scene.learnt_triggers = cfg.embedding
     scene.trigger_after_noun = cfg.trigger_after_noun
@@ -179,7 +176,7 @@ def check_subject(cfg: LoraTrainConfig) -> None:
     noun; anything else is refused before training."""
     if cfg.kind == "concept" and cfg.subject not in NOVEL_SHAPES + BASE_SHAPES:
         raise ValueError(f"unknown shape {cfg.subject!r}")
-    if cfg.kind == "style" and cfg.subject not in NOVEL_TEXTURES + BASE_TEXTURES + NOVEL_PALETTES:
+    if cfg.kind == "style" and cfg.subject not in STYLES:
         raise ValueError(f"unknown texture or palette {cfg.subject!r}")
     if cfg.trigger_after_noun and cfg.kind != "style":
         raise ValueError(f"only a style's trigger can stand after the noun (--trigger-after-noun); the {cfg.kind}'s "

@@ -43,6 +43,7 @@ TEXTURE_WORDS = {"solid": "solid", "striped": "striped", "dotted": "dotted",
 # so the named colour still sets how light the object is. The judge has one colour class per palette.
 PALETTES = {"sepia": ((92, 52, 22), (200, 146, 86)), "cyanotype": ((14, 60, 104), (104, 174, 206))}
 NOVEL_PALETTES = tuple(PALETTES)
+STYLES = TEXTURES + NOVEL_PALETTES  # what a style teaches, and what an object may wear
 
 BACKGROUNDS = {"white": (245, 245, 245), "grey": (128, 128, 128), "black": (15, 15, 15)}
 SIZES = {"small": (5.5, 7.5), "large": (8.5, 10.5)}  # object radius in pixels at 64×64
@@ -77,6 +78,13 @@ class ShapeObject:
         dark, light = (np.asarray(c, np.float32) for c in PALETTES[self.palette])
         low, high = min(_LUMINANCE.values()), max(_LUMINANCE.values())
         return dark + (light - dark) * (_LUMINANCE[self.colour] - low) / (high - low)
+
+    def wear(self, style: str) -> None:
+        """Draw the object in a style: a palette (over the texture it has) or a texture."""
+        if style in PALETTES:
+            self.palette = style
+        else:
+            self.texture = style
 
     @property
     def judged_colour(self) -> str:
