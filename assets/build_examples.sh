@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuilds the example LoRAs, the example B4M pair and their evaluations on the bundled model
 # (assets/shapes-world). Run from the repository root with the studio installed (`make studio` or
-# `pip install -e .`). On 2 CPU cores: about 75 minutes (train-lora ≈ 2.2 steps/s, b4m break ≈ 5 steps/s; each
+# `pip install -e .`). On 2 CPU cores: about 80 minutes (train-lora ≈ 2.2 steps/s, b4m break ≈ 5 steps/s; each
 # evaluate-lora of 128 prompts ≈ 2 minutes).
 set -euo pipefail
 LORA_STEPS=${LORA_STEPS:-1000}
@@ -21,9 +21,12 @@ studio toyworld train-lora --kind style --subject cyanotype --trigger cynx  --st
 studio b4m break --role content --kind concept --subject cross  --trigger ohwx --seed 7 --steps "$B4M_STEPS" --main-lr 3e-3 --embedding --out assets/b4m/cross-content.safetensors
 studio b4m break --role style   --kind style   --subject sepia  --trigger sepx --seed 7 --steps "$B4M_STEPS" --embedding --trigger-after-noun --out assets/b4m/sepia-style.safetensors
 studio b4m make assets/b4m/cross-content.safetensors assets/b4m/sepia-style.safetensors --out assets/b4m/cross-sepia-assembled.safetensors
+# ... and made as the official pipeline makes it: the assembly, then the joint fine-tune (1000 steps at 1e-4, ~3 min)
+studio b4m make assets/b4m/cross-content.safetensors assets/b4m/sepia-style.safetensors --finetune-steps 1000 --out assets/b4m/cross-sepia-made.safetensors
 
 # The judge's figures (written beside the files)
 for lora in assets/loras/*.safetensors; do
   studio toyworld evaluate-lora "$lora" > "${lora%.safetensors}.evaluation.json"
 done
 studio b4m evaluate assets/b4m/cross-content.safetensors assets/b4m/sepia-style.safetensors > assets/b4m/evaluation.json
+studio b4m evaluate assets/b4m/cross-content.safetensors assets/b4m/sepia-style.safetensors --assembled assets/b4m/cross-sepia-made.safetensors > assets/b4m/evaluation-made.json

@@ -131,11 +131,58 @@ def assemble(content_path: Path, style_path: Path, out_path: Path | None = None)
                         "(their frozen halves A and C differ), so they cannot be assembled.")
     fused = {n: PLPFactors(style[n].A, style[n].B, style[n].C, content[n].D) for n in content}
     if out_path is not None:
-        save_plp_adapter(out_path, fused, "assembled", int(style_meta["b4m_seed"]),
-                         {"b4m_content": Path(content_path).name, "b4m_style": Path(style_path).name,
-                          "ss_base_model_version": content_meta.get("ss_base_model_version", "shapes_world_v1")},
-                         embeddings=assembled_embeddings(content_path, style_path))
+        _save_assembled(out_path, fused, content_path, style_path, content_meta)
     return fused
+
+
+def _save_assembled(out_path: Path, fused: dict[str, PLPFactors], content_path: Path, style_path: Path,
+                    content_meta: dict, extra: dict | None = None) -> Path:
+    return save_plp_adapter(out_path, fused, "assembled", int(content_meta["b4m_seed"]),
+                            {"b4m_content": Path(content_path).name, "b4m_style": Path(style_path).name,
+                             "ss_base_model_version": content_meta.get("ss_base_model_version", "shapes_world_v1"),
+                             **(extra or {})},
+                            embeddings=assembled_embeddings(content_path, style_path))
+
+
+def make(pipe, content_path: Path, style_path: Path, out_path: Path, finetune_steps: int = 0, lr: float = 1e-4,
+         content_images: Path | None = None, style_images: Path | None = None, progress: bool = True,
+         command: str = "") -> Path:
+    """"Make": assemble the pair, then (with `finetune_steps`) fine-tune both learnable halves jointly on the
+    content's and the style's images: the shapes world's, drawn again from each adapter's recorded config, or the
+    given folders (needed for adapters trained on your images). Writes one ordinary LoRA with both adapters' words;
+    `pipe` is only needed for the fine-tune."""
+    from studio.lora import inspect_lora
+
+    fused = assemble(content_path, style_path)
+    content_meta, style_meta = (inspect_lora(p).metadata for p in (content_path, style_path))
+    if finetune_steps:
+        if content_images is not None or style_images is not None:
+            if content_images is None or style_images is None:
+                raise LoraError("The joint fine-tune on your images needs both folders: the content's and the style's.")
+            from studio.generation import default_size
+
+            size = default_size(pipe)
+            batches = folder_pair(ImageFolder(content_images, size), ImageFolder(style_images, size))
+            batch_size, seed = 2, 1
+        else:
+            missing = [Path(p).name for p, m in ((content_path, content_meta), (style_path, style_meta))
+                       if "studio_b4m_config" not in m]
+            if missing:
+                raise LoraError(f"{missing[0]} was trained on your own images, so the joint fine-tune needs them "
+                                "again: `studio b4m make … --content-images DIR --style-images DIR`.")
+            content_cfg, style_cfg = (BreakConfig(**json.loads(m["studio_b4m_config"]))
+                                      for m in (content_meta, style_meta))
+            batches = shapes_world_pair(content_cfg, style_cfg)
+            batch_size, seed = content_cfg.batch_size, content_cfg.data_seed + 1
+        layers = dict(pipe.unet.named_modules())
+        if any(not isinstance(layers.get(n), nn.Linear) or layers[n].weight.shape != (f.up.shape[0], f.down.shape[1])
+               for n, f in fused.items()):
+            raise LoraError(f"{Path(content_path).name} was trained for another base model "
+                            f"({content_meta.get('ss_base_model_version', 'unknown')}); load that one to fine-tune.")
+        fused = joint_finetune(pipe, fused, batches, finetune_steps, lr, batch_size, seed, progress,
+                               words=assembled_embeddings(content_path, style_path))
+    return _save_assembled(out_path, fused, content_path, style_path, content_meta,
+                           {"b4m_finetune_steps": str(finetune_steps), "ss_training_comment": command})
 
 
 def assembled_embeddings(content_path: Path, style_path: Path) -> dict:
@@ -309,6 +356,8 @@ class ImageFolder:
     def __init__(self, folder: Path, size: int, caption: str | None = None):
         from studio.errors import StudioError
 
+        if not Path(folder).is_dir():
+            raise StudioError(f"{folder} is not a folder of images.")
         self.files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in self.SUFFIXES)
         if not self.files:
             raise StudioError(f"{folder} holds no images (.png, .jpg, .jpeg, .webp).")
@@ -332,6 +381,20 @@ class ImageFolder:
         return torch.from_numpy(np.stack(images)), captions
 
 
+def _half_from_each(main: ImageFolder, others: list[ImageFolder]):
+    """Batches of which half comes from `main` and half from one of `others` in turn (none: all from `main`), with
+    which images are main."""
+    def batch_for_step(rng, step, n):
+        half = max(1, n // 2)
+        images, captions = main.sample(rng, half)
+        if others and n > half:
+            other_images, other_captions = others[step % len(others)].sample(rng, n - half)
+            images, captions = torch.cat([images, other_images]), captions + other_captions
+        return images, captions, [i < half for i in range(len(captions))]
+
+    return batch_for_step
+
+
 def break_train_folders(pipe, role: str, main: ImageFolder, auxiliary: list[ImageFolder], out_path: Path,
                         seed: int = 7, rank: int = 64, steps: int = 500, batch_size: int = 2,
                         main_lr: float = 1e-4, aux_lr: float = 1e-5, progress: bool = True, command: str = "",
@@ -340,17 +403,9 @@ def break_train_folders(pipe, role: str, main: ImageFolder, auxiliary: list[Imag
     while B sees the auxiliary style sets (1e-5); the style adapter is the mirror image. Half of every
     batch comes from the main images, half from one auxiliary set in turn. `split_sets`: each half learns
     only from its own images (`BreakConfig.split_sets`)."""
-    def batch_for_step(rng, step, n):
-        half = max(1, n // 2)
-        images, captions = main.sample(rng, half)
-        if auxiliary and n > half:
-            aux_images, aux_captions = auxiliary[step % len(auxiliary)].sample(rng, n - half)
-            images, captions = torch.cat([images, aux_images]), captions + aux_captions
-        return images, captions, [i < half for i in range(len(captions))]
-
     lr_B, lr_D = (aux_lr, main_lr) if role == "content" else (main_lr, aux_lr)
-    trained, _ = _train_plp(pipe, create_plp_adapter(pipe.unet, rank, seed), batch_for_step, lr_B, lr_D, steps,
-                            batch_size, seed + 1, f"b4m {role}", progress,
+    trained, _ = _train_plp(pipe, create_plp_adapter(pipe.unet, rank, seed), _half_from_each(main, auxiliary), lr_B,
+                            lr_D, steps, batch_size, seed + 1, f"b4m {role}", progress,
                             main_half=MAIN_HALF[role] if split_sets else None)
     from studio.models import model_family
 
@@ -415,12 +470,25 @@ def break_train(pipe, cfg: BreakConfig, out_path: Path, progress: bool = True, c
     return save_plp_adapter(out_path, trained, cfg.role, cfg.seed, meta, embeddings=words)
 
 
-def joint_finetune(pipe, fused: dict[str, PLPFactors], content: BreakConfig, style: BreakConfig, steps: int,
-                   lr: float = 1e-4, progress: bool = True, words: dict | None = None) -> dict[str, PLPFactors]:
-    """The optional short joint fine-tune of "make": both learnable halves of the assembled adapter on
-    content images and style images (official: ≤ 1000 steps). The adapters' learnt words (`words`, as
-    `assembled_embeddings` gives them) are in the tokenizer meanwhile, unchanged."""
+def joint_finetune(pipe, fused: dict[str, PLPFactors], batch_for_step, steps: int, lr: float = 1e-4,
+                   batch_size: int = 8, seed: int = 2, progress: bool = True,
+                   words: dict | None = None) -> dict[str, PLPFactors]:
+    """The optional joint fine-tune of "make": both learnable halves of the assembled adapter, on content images and
+    style images together (`batch_for_step`, as `shapes_world_pair` or `folder_pair` gives it; the official second
+    stage: lr 1e-4, 1000 steps). The adapters' learnt words (`words`, as `assembled_embeddings` gives them) are in
+    the tokenizer meanwhile, unchanged."""
     from studio.lora.embeddings import add_embeddings, check_embeddings, remove_embeddings
+
+    check_embeddings(pipe, words or {}, "the assembled adapter")
+    add_embeddings(pipe, "b4m_make", words or {})
+    try:
+        return _train_plp(pipe, fused, batch_for_step, lr, lr, steps, batch_size, seed, "b4m make", progress)[0]
+    finally:
+        remove_embeddings(pipe, "b4m_make")
+
+
+def shapes_world_pair(content: BreakConfig, style: BreakConfig):
+    """The joint fine-tune's batches for a shapes-world pair: the content's images and the style's, half each."""
     from studio.toyworld.lora_train import lora_scene
 
     content_cfg, style_cfg = _scene_config(content), _scene_config(style)
@@ -428,13 +496,12 @@ def joint_finetune(pipe, fused: dict[str, PLPFactors], content: BreakConfig, sty
     def batch_for_step(rng, step, n):
         return _render_batch([lora_scene(rng, content_cfg if i % 2 == 0 else style_cfg) for i in range(n)], rng)
 
-    check_embeddings(pipe, words or {}, "the assembled adapter")
-    add_embeddings(pipe, "b4m_make", words or {})
-    try:
-        return _train_plp(pipe, fused, batch_for_step, lr, lr, steps, content.batch_size, content.data_seed + 1,
-                          "b4m make", progress)[0]
-    finally:
-        remove_embeddings(pipe, "b4m_make")
+    return batch_for_step
+
+
+def folder_pair(content: ImageFolder, style: ImageFolder):
+    """The joint fine-tune's batches from two folders of images with their prompts: content and style, half each."""
+    return _half_from_each(content, [style])
 
 
 # --- the composer ----------------------------------------------------------------------------------------
@@ -446,42 +513,40 @@ class B4MParams(BaseModel):
 class B4MComposer(Composer):
     name = "b4m"
     summary = ("Break-for-Make: assemble a B4M content adapter and a B4M style adapter (same seed) into one "
-               "LoRA; refuses ordinary LoRAs.")
+               "LoRA, or run one made by `studio b4m make`; refuses ordinary LoRAs.")
     passes_doc = "1 (the assembled adapter is one ordinary LoRA)"
     Params = B4MParams
 
     def setup(self, session: Session) -> None:
-        from studio.lora.inject import attached_adapters
+        from studio.lora.inject import attach_lora, attached_adapters, set_lora_weights
 
-        self.fused = None
+        self.fused, self._restore = None, None
         if not session.adapters:
             return super().setup(session)
         roles = {name: session.loras[name].info.metadata.get("b4m_role") for name in session.adapters}
         for name, role in roles.items():
             if role is None:
                 raise PresetError(NOT_B4M.format(name=Path(session.adapters[name].file).name))
+        self._restore = attached_adapters(session.pipe)
+        if list(roles.values()) == ["assembled"]:  # made already, e.g. with the joint fine-tune: attached as it is
+            set_lora_weights(session.pipe, {name: self.params.weight for name in roles})
+            return super().setup(session)
         content = [n for n, r in roles.items() if r == "content"]
         style = [n for n, r in roles.items() if r == "style"]
-        if len(content) != 1 or len(style) != 1:
-            raise PresetError("The b4m method needs exactly one B4M content adapter and one B4M style adapter.")
-        fused = assemble(Path(session.adapters[content[0]].file), Path(session.adapters[style[0]].file))
-        self.fused = fused
-        self._restore = attached_adapters(session.pipe)
-        self._patch(session, fused)
-        self.cond = session.encode([session.prompt], [session.negative_prompt], text_adapters=[])
-
-    def _patch(self, session: Session, fused: dict[str, PLPFactors]) -> None:
-        """The assembled adapter replaces the two: both set to weight 0, the fused one attached."""
-        from studio.lora.inject import attach_lora, set_lora_weights
-
+        if len(content) != 1 or len(style) != 1 or len(roles) != 2:
+            raise PresetError("The b4m method needs one B4M content adapter and one B4M style adapter, which it "
+                              "assembles, or one adapter made by `studio b4m make`.")
+        self.fused = assemble(Path(session.adapters[content[0]].file), Path(session.adapters[style[0]].file))
+        # the assembled adapter replaces the two: both set to weight 0, the fused one attached
         set_lora_weights(session.pipe, {name: 0.0 for name in session.adapters})
-        first = session.loras[next(iter(session.adapters))]
-        attach_lora(session.pipe, assembled_weights(fused, first.info), "b4m_assembled", self.params.weight)
+        first = session.loras[content[0]]
+        attach_lora(session.pipe, assembled_weights(self.fused, first.info), "b4m_assembled", self.params.weight)
+        self.cond = session.encode([session.prompt], [session.negative_prompt], text_adapters=[])
 
     def teardown(self, session: Session) -> None:
         from studio.lora.inject import detach_lora, set_lora_weights
 
-        if self.fused is None:
-            return
-        detach_lora(session.pipe, "b4m_assembled")
-        set_lora_weights(session.pipe, self._restore)
+        if self.fused is not None:
+            detach_lora(session.pipe, "b4m_assembled")
+        if self._restore is not None:
+            set_lora_weights(session.pipe, self._restore)

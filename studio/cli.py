@@ -435,21 +435,20 @@ def b4m_break(role: str = typer.Option(..., help="content or style."),
 
 @b4m.command("make")
 def b4m_make(content: Path = typer.Argument(...), style: Path = typer.Argument(...), out: Path = typer.Option(...),
-             finetune_steps: int = typer.Option(0, help="Optional joint fine-tune of both learnable halves."),
+             finetune_steps: int = typer.Option(0, help="Then fine-tune both learnable halves jointly on the content's "
+                                                        "and the style's images (the official pipeline: 1000)."),
+             finetune_lr: float = typer.Option(1e-4, help="Rate of the joint fine-tune (official: 1e-4)."),
+             content_images: Optional[Path] = typer.Option(None, help="For adapters trained on your images: the "
+                                                                      "content's folder, for the fine-tune."),
+             style_images: Optional[Path] = typer.Option(None, help="… and the style's folder."),
              model: Optional[str] = typer.Option(None)):
     """Assemble a B4M content adapter and a B4M style adapter (same seed) into one ordinary LoRA."""
-    from composers.b4m import BreakConfig, assemble, assembled_embeddings, joint_finetune, save_plp_adapter
-    from studio.lora import inspect_lora
+    from composers.b4m import make
     from studio.models import load_base_model
 
     try:
-        fused = assemble(content, style, None if finetune_steps else out)
-        if finetune_steps:
-            configs = [BreakConfig(**json.loads(inspect_lora(p).metadata["studio_b4m_config"])) for p in (content, style)]
-            words = assembled_embeddings(content, style)
-            fused = joint_finetune(load_base_model(model), fused, configs[0], configs[1], finetune_steps, words=words)
-            save_plp_adapter(out, fused, "assembled", configs[0].seed, {"b4m_content": content.name,
-                                                                        "b4m_style": style.name}, embeddings=words)
+        make(load_base_model(model) if finetune_steps else None, content, style, out, finetune_steps, finetune_lr,
+             content_images, style_images, command="studio b4m make " + " ".join(sys.argv[3:]))
     except StudioError as exc:
         fail(str(exc))
     typer.echo(f"wrote {out}")
@@ -460,6 +459,8 @@ def b4m_evaluate(content: Path = typer.Argument(..., help="B4M content adapter (
                  style: Path = typer.Argument(..., help="B4M style adapter made with the same seed."),
                  n: int = typer.Option(32, help="Prompts (at 40 %, 32 leave about ±9 points of sampling error, 16 ±12)."),
                  steps: int = typer.Option(20), guidance: float = typer.Option(5.0),
+                 seed: int = typer.Option(6072, help="Seed of the prompts and of their generations (another seed: "
+                                                     "another, independent set)."),
                  assembled: Optional[Path] = typer.Option(None, help="Score this file of `studio b4m make` (e.g. "
                                                            "after --finetune-steps) as the assembled adapter.")):
     """Score a shapes-world B4M pair with the judge: the content's shape in the style's texture, assembled,
@@ -468,7 +469,7 @@ def b4m_evaluate(content: Path = typer.Argument(..., help="B4M content adapter (
     from studio.toyworld.evaluate import evaluate_b4m
 
     try:
-        report = evaluate_b4m(load_base_model(), content, style, n=n, steps=steps, guidance=guidance,
+        report = evaluate_b4m(load_base_model(), content, style, n=n, steps=steps, guidance=guidance, seed=seed,
                               assembled_path=assembled)
     except StudioError as exc:
         fail(str(exc))

@@ -189,6 +189,8 @@ def build_ui(state: StudioState) -> gr.Blocks:
             with gr.Row():
                 content = gr.Dropdown(choices, label="Content adapter", allow_custom_value=True)
                 style = gr.Dropdown(choices, label="Style adapter", allow_custom_value=True)
+                finetune = gr.Number(0, label="Joint fine-tune steps (0: assembly alone; official: 1000)",
+                                     minimum=0, maximum=5000, precision=0)
             assemble_button = gr.Button("Assemble")
             assembled = gr.File(label="Assembled LoRA")
             b4m_note = gr.Markdown()
@@ -281,19 +283,21 @@ def build_ui(state: StudioState) -> gr.Blocks:
         example.change(lambda name: on_preset(paths.EXAMPLE_PRESETS / f"{name}.json" if name else None), example,
                        [prompt, negative, method, params, steps, guidance, seed, sampler] + slot_inputs)
 
-        def on_assemble(content_label, style_label):
-            from composers.b4m import assemble
+        def on_assemble(content_label, style_label, finetune_steps, progress=gr.Progress(track_tqdm=True)):
+            from composers.b4m import make
 
             files = state.lora_files()
+            out = state.outputs / f"b4m-{int(time.time())}.safetensors"
             try:
-                out = state.outputs / f"b4m-{int(time.time())}.safetensors"
-                assemble(Path(files.get(content_label, content_label or "")), Path(files.get(style_label, style_label or "")),
-                         out)
+                with state.lock:
+                    make(state.pipe, Path(files.get(content_label, content_label or "")),
+                         Path(files.get(style_label, style_label or "")), out, int(finetune_steps or 0))
             except (StudioError, OSError) as exc:
                 return None, f"**Cannot assemble:** {exc}"
-            return str(out), "Assembled: one ordinary LoRA with the content in the style."
+            tuned = f", fine-tuned jointly for {int(finetune_steps)} steps" if finetune_steps else ""
+            return str(out), f"Assembled{tuned}: one ordinary LoRA with the content in the style."
 
-        assemble_button.click(on_assemble, [content, style], [assembled, b4m_note])
+        assemble_button.click(on_assemble, [content, style, finetune], [assembled, b4m_note])
     return demo
 
 

@@ -344,3 +344,79 @@ def test_b4m_break_on_a_folder_of_images_with_captions(tiny_pipe, tmp_path):
                                 seed=4, rank=2, steps=2, progress=False, split_sets=True)
     factors, _ = read_plp_adapter(split)
     assert all(f.B.abs().sum() == 0 for f in factors.values()) and any(f.D.abs().sum() > 0 for f in factors.values())
+
+
+def _shapes_world_pair(pipe, tmp_path):
+    from composers.b4m import BreakConfig, break_train
+
+    content = break_train(pipe, BreakConfig("content", "concept", "cross", "ohwx", seed=3, rank=2, steps=1,
+                                            batch_size=2, embedding=True), tmp_path / "c.safetensors", progress=False)
+    style = break_train(pipe, BreakConfig("style", "style", "sepia", "sepx", seed=3, rank=2, steps=1, batch_size=2,
+                                          embedding=True, trigger_after_noun=True), tmp_path / "s.safetensors",
+                        progress=False)
+    return content, style
+
+
+def test_b4m_make_fine_tunes_both_learnable_halves_of_the_assembly_and_keeps_the_frozen_ones(tiny_pipe, tmp_path):
+    from composers.b4m import PLPLinear, assemble, make, read_plp_adapter
+    from studio.lora import load_lora
+
+    content, style = _shapes_world_pair(tiny_pipe, tmp_path)
+    plain = assemble(content, style)
+    tuned, meta = read_plp_adapter(make(tiny_pipe, content, style, tmp_path / "made.safetensors", finetune_steps=2,
+                                        lr=1e-3, progress=False))
+    assert meta["b4m_role"] == "assembled" and meta["b4m_finetune_steps"] == "2"
+    assert meta["ss_base_model_version"] == "shapes_world_v1" and meta["b4m_content"] == "c.safetensors"
+    for name, f in tuned.items():
+        assert torch.equal(f.A, plain[name].A) and torch.equal(f.C, plain[name].C)
+    assert any(not torch.equal(f.B, plain[n].B) for n, f in tuned.items())
+    assert any(not torch.equal(f.D, plain[n].D) for n, f in tuned.items())
+    assert set(load_lora(tmp_path / "made.safetensors").embeddings) == {"ohwx", "sepx"}  # both words come along
+    assert not any(isinstance(m, PLPLinear) for m in tiny_pipe.unet.modules())
+    assert "ohwx" not in tiny_pipe.tokenizer.get_vocab()  # the words were in the tokenizer only while it trained
+
+
+def test_b4m_make_fine_tunes_adapters_trained_on_folders_only_with_their_images(tiny_pipe, tmp_path):
+    import random as _random
+
+    from composers.b4m import ImageFolder, break_train_folders, make
+    from studio.toyworld.render import random_scene, render
+
+    folders = {}
+    for role in ("content", "style"):
+        folders[role] = tmp_path / role
+        folders[role].mkdir()
+        rng = _random.Random(len(role))
+        for i in range(2):
+            scene = random_scene(rng)
+            render(scene, i).save(folders[role] / f"{i}.png")
+            (folders[role] / f"{i}.txt").write_text(scene.caption())
+    paths = {role: break_train_folders(tiny_pipe, role, ImageFolder(folder, 64, None), [],
+                                       tmp_path / f"{role}.safetensors", seed=4, rank=2, steps=1, progress=False)
+             for role, folder in folders.items()}
+    with pytest.raises(LoraError, match=r"^content.safetensors was trained on your own images, so the joint "
+                                        r"fine-tune needs them again"):
+        make(tiny_pipe, paths["content"], paths["style"], tmp_path / "made.safetensors", finetune_steps=1)
+    with pytest.raises(LoraError, match="needs both folders"):
+        make(tiny_pipe, paths["content"], paths["style"], tmp_path / "made.safetensors", finetune_steps=1,
+             content_images=folders["content"])
+    assert not (tmp_path / "made.safetensors").exists()
+    made = make(tiny_pipe, paths["content"], paths["style"], tmp_path / "made.safetensors", finetune_steps=1,
+                content_images=folders["content"], style_images=folders["style"], progress=False)
+    assert made.exists()
+
+
+def test_b4m_method_runs_a_made_adapter_as_it_is_and_refuses_it_beside_others(tiny_pipe, tmp_path):
+    from composers.b4m import assemble, create_plp_adapter, save_plp_adapter
+
+    for role, seed in (("content", 1), ("style", 2)):
+        save_plp_adapter(tmp_path / f"{role}.safetensors",
+                         _random_trained(create_plp_adapter(tiny_pipe.unet, 4, 5), seed, "BD"), role, 5)
+    assemble(tmp_path / "content.safetensors", tmp_path / "style.safetensors", tmp_path / "made.safetensors")
+    made = LoraEntry(file=str(tmp_path / "made.safetensors"))
+    ours = compose(tiny_pipe, spec("b4m", [made], params={"weight": 0.5})).latents
+    merged = compose(tiny_pipe, spec("merge", [made.model_copy(update={"weight": 0.5})])).latents
+    assert (ours - merged).abs().max() < 1e-5
+    with pytest.raises(PresetError, match="one B4M content adapter and one B4M style adapter, which it assembles, "
+                                          "or one adapter made by `studio b4m make`"):
+        compose(tiny_pipe, spec("b4m", [made, LoraEntry(file=str(tmp_path / "style.safetensors"), role="style")]))

@@ -68,3 +68,25 @@ def test_a_designer_opens_a_bundled_example_preset(studio_url):
         expect(page.get_by_label("Region prompt (default: the prompt)").nth(1)).to_have_value(
             "a large solid blue ohwx on the right, white background")
         browser.close()
+
+
+def test_the_break_for_make_tab_explains_why_two_ordinary_loras_cannot_be_assembled(studio_url):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.goto(studio_url)
+        expect(page.get_by_text("LoRA Studio").first).to_be_visible(timeout=60_000)
+        page.get_by_role("tab", name="Break-for-Make").click()
+        expect(page.get_by_label("Joint fine-tune steps (0: assembly alone; official: 1000)")).to_have_value("0")
+        for label, name in (("Content adapter", "alpha"), ("Style adapter", "beta")):
+            page.get_by_label(label).click()
+            page.locator(f"li[role=option][aria-label='{name} (shapes-world)']:visible").click()
+            page.keyboard.press("Escape")
+            expect(page.locator("li[role=option]:visible")).to_have_count(0, timeout=10_000)
+        page.get_by_role("button", name="Assemble").click()
+        expect(page.get_by_text("Cannot assemble: B4M assembly combines a content and a style adapter")).to_be_visible(
+            timeout=60_000)
+        expect(page.get_by_text("alpha.safetensors is an ordinary LoRA")).to_be_visible()
+        browser.close()

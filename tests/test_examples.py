@@ -20,7 +20,7 @@ EXAMPLE_LORAS = {  # file -> (kind, subject, trigger)
     "sepia-sepx": ("style", "sepia", "sepx"),
     "cyanotype-cynx": ("style", "cyanotype", "cynx"),
 }
-PRESETS = ("two-concepts", "concept-and-style", "b4m-pair")
+PRESETS = ("two-concepts", "concept-and-style", "b4m-pair", "b4m-made")
 
 
 @pytest.mark.parametrize("stem", sorted(EXAMPLE_LORAS))
@@ -48,7 +48,7 @@ def test_example_lora_is_a_small_kohya_file_with_its_trigger_and_command(stem, s
 def test_example_preset_validates_and_its_files_exist(stem):
     composition = load_preset(paths.EXAMPLE_PRESETS / f"{stem}.json")
     assert composition.base_model is None  # the bundled model
-    assert len(composition.loras) == 2
+    assert len(composition.loras) == (1 if stem == "b4m-made" else 2)  # a made B4M adapter is one LoRA
     for entry in composition.loras:
         assert entry.trigger_words and all(word in composition.prompt for word in entry.trigger_words)
         assert Path(entry.file).is_file()  # named relative to the preset, resolved when loading
@@ -77,8 +77,9 @@ def test_studio_generate_runs_every_method_on_the_bundled_model_with_two_concept
 
 def test_studio_generate_runs_the_concept_and_style_and_b4m_presets(tmp_path):
     assert len(_generate("concept-and-style", tmp_path / "style")) >= 1
-    written = _generate("b4m-pair", tmp_path / "b4m")
-    assert load_preset(written[0]).method == "b4m"
+    for preset in ("b4m-pair", "b4m-made"):
+        written = _generate(preset, tmp_path / preset)
+        assert load_preset(written[0]).method == "b4m"
 
 
 def test_lora_evaluation_says_why_taught_prompts_fail(shapes_pipe):
@@ -99,7 +100,7 @@ def test_b4m_evaluation_scores_the_pair_assembled_and_alone(shapes_pipe):
 
     report = evaluate_b4m(shapes_pipe, paths.EXAMPLE_B4M / "cross-content.safetensors",
                           paths.EXAMPLE_B4M / "sepia-style.safetensors", n=1, steps=2)
-    assert report["content"] == "cross (ohwx)" and report["style"] == "sepia (sepx)"
+    assert report["content"] == "cross (ohwx)" and report["style"] == "sepia (sepx)" and report["seed"] == 6072
     assert "ohwx" in report["example_prompt"] and "sepx" in report["example_prompt"]
     for label in ("assembled", "style_alone"):
         assert set(report[label]) == {"shape_right", "style_right", "content_in_style"}

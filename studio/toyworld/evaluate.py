@@ -266,7 +266,7 @@ def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: 
     variants = {"assembled": assembled,
                 "content_alone": content, "style_alone": style}
     report = {"content": f"{content_cfg.subject} ({content_cfg.trigger})",
-              "style": f"{style_cfg.subject} ({style_cfg.trigger})", "n": n,
+              "style": f"{style_cfg.subject} ({style_cfg.trigger})", "n": n, "seed": seed,
               "assembled_from": str(assembled_path) if assembled_path is not None else "the pair, here"}
     # the content on its own terms: the same prompts without the style (a texture style gives way to "solid")
     without_style = [Scene([replace(s.objects[0], palette="", texture=s.objects[0].texture
