@@ -136,12 +136,13 @@ def assemble(content_path: Path, style_path: Path, out_path: Path | None = None)
 
 
 def _save_assembled(out_path: Path, fused: dict[str, PLPFactors], content_path: Path, style_path: Path,
-                    content_meta: dict, extra: dict | None = None) -> Path:
+                    content_meta: dict, words: dict | None = None, extra: dict | None = None) -> Path:
+    """`words`: as `assembled_embeddings` gives them (read from the pair when not given)."""
     return save_plp_adapter(out_path, fused, "assembled", int(content_meta["b4m_seed"]),
                             {"b4m_content": Path(content_path).name, "b4m_style": Path(style_path).name,
                              "ss_base_model_version": content_meta.get("ss_base_model_version", "shapes_world_v1"),
                              **(extra or {})},
-                            embeddings=assembled_embeddings(content_path, style_path))
+                            embeddings=assembled_embeddings(content_path, style_path) if words is None else words)
 
 
 def make(pipe, content_path: Path, style_path: Path, out_path: Path, finetune_steps: int = 0, lr: float = 1e-4,
@@ -152,9 +153,12 @@ def make(pipe, content_path: Path, style_path: Path, out_path: Path, finetune_st
     given folders (needed for adapters trained on your images). Writes one ordinary LoRA with both adapters' words;
     `pipe` is only needed for the fine-tune."""
     from studio.lora import inspect_lora
+    from studio.lora.inject import check_fits
 
     fused = assemble(content_path, style_path)
-    content_meta, style_meta = (inspect_lora(p).metadata for p in (content_path, style_path))
+    words = assembled_embeddings(content_path, style_path)
+    content_info = inspect_lora(content_path)
+    content_meta, style_meta = content_info.metadata, inspect_lora(style_path).metadata
     if finetune_steps:
         if content_images is not None or style_images is not None:
             if content_images is None or style_images is None:
@@ -174,14 +178,9 @@ def make(pipe, content_path: Path, style_path: Path, out_path: Path, finetune_st
                                       for m in (content_meta, style_meta))
             batches = shapes_world_pair(content_cfg, style_cfg)
             batch_size, seed = content_cfg.batch_size, content_cfg.data_seed + 1
-        layers = dict(pipe.unet.named_modules())
-        if any(not isinstance(layers.get(n), nn.Linear) or layers[n].weight.shape != (f.up.shape[0], f.down.shape[1])
-               for n, f in fused.items()):
-            raise LoraError(f"{Path(content_path).name} was trained for another base model "
-                            f"({content_meta.get('ss_base_model_version', 'unknown')}); load that one to fine-tune.")
-        fused = joint_finetune(pipe, fused, batches, finetune_steps, lr, batch_size, seed, progress,
-                               words=assembled_embeddings(content_path, style_path))
-    return _save_assembled(out_path, fused, content_path, style_path, content_meta,
+        check_fits(pipe, assembled_weights(fused, content_info))  # a pair of another base model: one sentence
+        fused = joint_finetune(pipe, fused, batches, finetune_steps, lr, batch_size, seed, progress, words=words)
+    return _save_assembled(out_path, fused, content_path, style_path, content_meta, words,
                            {"b4m_finetune_steps": str(finetune_steps), "ss_training_comment": command})
 
 

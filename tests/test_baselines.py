@@ -357,6 +357,16 @@ def _shapes_world_pair(pipe, tmp_path):
     return content, style
 
 
+def test_b4m_make_refuses_to_fine_tune_a_pair_on_another_base_model(tiny_pipe, sd15_pipe, tmp_path):
+    from composers.b4m import PLPLinear, make
+
+    content, style = _shapes_world_pair(tiny_pipe, tmp_path)
+    with pytest.raises(LoraError, match=r"^c\.safetensors was made for shapes-world; this model is SD1\.x\.$"):
+        make(sd15_pipe, content, style, tmp_path / "made.safetensors", finetune_steps=1)
+    assert not (tmp_path / "made.safetensors").exists()
+    assert not any(isinstance(m, PLPLinear) for m in sd15_pipe.unet.modules())
+
+
 def test_b4m_make_fine_tunes_both_learnable_halves_of_the_assembly_and_keeps_the_frozen_ones(tiny_pipe, tmp_path):
     from composers.b4m import PLPLinear, assemble, make, read_plp_adapter
     from studio.lora import load_lora

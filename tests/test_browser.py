@@ -1,6 +1,7 @@
 """The studio in a real browser (Playwright driving Debian's Chromium): a designer's first generation.
 Skipped where /usr/bin/chromium is not installed."""
 import shutil
+from contextlib import contextmanager
 
 import pytest
 
@@ -24,23 +25,38 @@ def studio_url(tiny_pipe, tiny_loras, tmp_path_factory):
     demo.close()
 
 
-def test_a_designer_places_two_loras_and_generates(studio_url, tmp_path):
+@contextmanager
+def studio_page(url, *launch_args):
+    """A page of the studio, once it has loaded, in Debian's Chromium."""
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", *launch_args])
         page = browser.new_page(viewport={"width": 1400, "height": 1800})
-        page.goto(studio_url)
+        page.goto(url)
         expect(page.get_by_text("LoRA Studio").first).to_be_visible(timeout=60_000)
+        yield page
+        browser.close()
+
+
+def pick(page, dropdown, option):
+    """Choose `option` in `dropdown` and wait for its list to close (the next one must not open over it)."""
+    from playwright.sync_api import expect
+
+    dropdown.click()
+    page.locator(f"li[role=option][aria-label='{option}']:visible").click()
+    page.keyboard.press("Escape")
+    expect(page.locator("li[role=option]:visible")).to_have_count(0, timeout=10_000)
+
+
+def test_a_designer_places_two_loras_and_generates(studio_url, tmp_path):
+    from playwright.sync_api import expect
+
+    with studio_page(studio_url, "--disable-quic", "--no-first-run", "--disable-background-networking",
+                     "--disable-component-update", "--disable-sync") as page:
         page.get_by_label("Steps").first.fill("2")
         for index, name in enumerate(("alpha", "beta")):
-            page.get_by_label("File").nth(index).click()
-            page.locator(f"li[role=option][aria-label='{name} (shapes-world)']:visible").click()
-            page.keyboard.press("Escape")
-            # the next dropdown must not open while this one's list is still closing (two "beta" options)
-            expect(page.locator("li[role=option]:visible")).to_have_count(0, timeout=10_000)
+            pick(page, page.get_by_label("File").nth(index), f"{name} (shapes-world)")
         expect(page.get_by_label("Trigger words (comma separated)").first).to_have_value("sks", timeout=30_000)
         page.get_by_role("button", name="Generate").click()
         expect(page.get_by_text("UNet passes per step")).to_be_visible(timeout=120_000)
@@ -50,43 +66,29 @@ def test_a_designer_places_two_loras_and_generates(studio_url, tmp_path):
         assert result.get_attribute("src").split("?")[0].endswith(".png")
         # each concept's map (last step) and mask
         expect(page.locator("#maps img")).to_have_count(4, timeout=30_000)
-        browser.close()
 
 
 def test_a_designer_opens_a_bundled_example_preset(studio_url):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1800})
-        page.goto(studio_url)
-        expect(page.get_by_text("LoRA Studio").first).to_be_visible(timeout=60_000)
+    with studio_page(studio_url) as page:
         page.get_by_label("Example presets").click()
         page.locator("li[role=option][aria-label='two-concepts']:visible").click()
         prompt = "a large solid red sks on the left and a large solid blue ohwx on the right, white background"
         expect(page.get_by_label("Prompt", exact=True)).to_have_value(prompt, timeout=30_000)
         expect(page.get_by_label("Region prompt (default: the prompt)").nth(1)).to_have_value(
             "a large solid blue ohwx on the right, white background")
-        browser.close()
 
 
 def test_the_break_for_make_tab_explains_why_two_ordinary_loras_cannot_be_assembled(studio_url):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1800})
-        page.goto(studio_url)
-        expect(page.get_by_text("LoRA Studio").first).to_be_visible(timeout=60_000)
+    with studio_page(studio_url) as page:
         page.get_by_role("tab", name="Break-for-Make").click()
         expect(page.get_by_label("Joint fine-tune steps (0: assembly alone; official: 1000)")).to_have_value("0")
         for label, name in (("Content adapter", "alpha"), ("Style adapter", "beta")):
-            page.get_by_label(label).click()
-            page.locator(f"li[role=option][aria-label='{name} (shapes-world)']:visible").click()
-            page.keyboard.press("Escape")
-            expect(page.locator("li[role=option]:visible")).to_have_count(0, timeout=10_000)
+            pick(page, page.get_by_label(label), f"{name} (shapes-world)")
         page.get_by_role("button", name="Assemble").click()
         expect(page.get_by_text("Cannot assemble: B4M assembly combines a content and a style adapter")).to_be_visible(
             timeout=60_000)
         expect(page.get_by_text("alpha.safetensors is an ordinary LoRA")).to_be_visible()
-        browser.close()

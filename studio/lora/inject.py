@@ -175,10 +175,9 @@ def attach_lora(pipe, weights: LoraWeights | str | Path, adapter_name: str | Non
     if not isinstance(weights, LoraWeights):
         weights = load_lora(weights)
     name = adapter_name or weights.name
-    _check_base(pipe, weights)
     if name in attached_adapters(pipe):
         raise LoraError(f"An adapter named {name!r} is already attached; detach it first or choose another name.")
-    plan = [_validate(pipe, weights, module) for module in weights.modules.values()]
+    plan = check_fits(pipe, weights)
     injected = sum(t.numel() for step in plan for t in step.fitted.tensors())
     if injected == 0:
         raise LoraError(f"{weights.info.name} has no layer to inject into this model.")
@@ -190,6 +189,13 @@ def attach_lora(pipe, weights: LoraWeights | str | Path, adapter_name: str | Non
         _remove_layers(pipe, name)
         _raise_as_lora_error(exc, weights.info.name)
     return injected + weights.embedding_parameter_count()
+
+
+def check_fits(pipe, weights: LoraWeights) -> list[_Step]:
+    """Refused in one sentence, before the pipeline is touched: a LoRA made for another base model, or with a
+    layer this model lacks or shapes otherwise. Returns each module fitted to its layer."""
+    _check_base(pipe, weights)
+    return [_validate(pipe, weights, module) for module in weights.modules.values()]
 
 
 def _check_base(pipe, weights: LoraWeights) -> None:
