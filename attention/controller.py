@@ -3,7 +3,9 @@ AttentionStore): regions rasterised per layer grid, the step index, stored maps.
 gates only read it, keyed by layer name."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import contextlib
+from dataclasses import dataclass, field, fields
+from typing import Iterator
 
 import torch
 
@@ -76,7 +78,7 @@ class CompositionController:
     # --- LoRA gates ----------------------------------------------------------------------------------
     def lora_gate(self, layer_name: str, adapter: str, delta: torch.Tensor) -> torch.Tensor | None:
         """The mask applied to one adapter's delta output in one layer (None = everywhere):
-        y = W x + Σ_i m_i ⊙ ΔW_i x (METHODS §1). Text encoders are run one prompt at a time with their
+        y = W x + Σ_i m_i ⊙ ΔW_i x (docs/methods.md §1). Text encoders are run one prompt at a time with their
         adapters chosen by `only_adapters`, so they are never gated."""
         if layer_name.startswith("text_encoder"):
             return None
@@ -99,6 +101,26 @@ class CompositionController:
             spatial = torch.zeros(())
         spatial = spatial.to(delta.dtype).to(delta.device)
         return spatial if gate is None else gate * spatial
+
+    # --- per-generation state ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def override(self, **changes) -> Iterator["CompositionController"]:
+        """Fields set for the duration of a block (e.g. a guidance pass over the conditional rows only, with its
+        own attention store), then put back as they were, whatever happens; the cached masks follow."""
+        names = {f.name for f in fields(self)} - {"_cache"}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise AttributeError(f"CompositionController has no field {unknown[0]!r}")
+        saved = {name: getattr(self, name) for name in changes}
+        cache, self._cache = self._cache, {}
+        for name, value in changes.items():
+            setattr(self, name, value)
+        try:
+            yield self
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
+            self._cache = cache
 
     def reset_step(self, step: int) -> None:
         self.step = step

@@ -1,4 +1,4 @@
-"""What one-pass regional LoRA costs against one pass per LoRA (METHODS §1), on an SD1.5-shaped UNet.
+"""What one-pass regional LoRA costs against one pass per LoRA (docs/methods.md §1), on an SD1.5-shaped UNet.
 
 Prints seconds per denoising step (CFG batch 2) and the ratios, all measured in this run:
 plain (no LoRA), 1 LoRA (merge), 2 LoRAs regional in one pass, 2 LoRAs as two separate passes.

@@ -1,4 +1,4 @@
-"""CLoRA (Meral et al., ICCV 2025, arXiv 2403.19776; METHODS §3): contrastive attention guidance and
+"""CLoRA (Meral et al., ICCV 2025, arXiv 2403.19776; docs/methods.md §3): contrastive attention guidance and
 attention-derived masks, no boxes.
 
 Each concept LoRA k has its own prompt describing the whole scene with its trigger on its subject; a
@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from attention.gates import attach_gates, detach_gates
 from attention.processors import composer_layers, install_processors
 from attention.store import AttentionStore
 from attention.tokens import token_indices
 from composers.base import Composer, interleave_cfg, row_selectors
-from composers.regional import attach_gates, detach_gates
 from studio.engine import Session, classifier_free_guidance, unet_pass
 from studio.errors import PresetError
 
@@ -64,6 +64,19 @@ class ClorComposer(Composer):
                   "(×20 at steps 0, 10, 20)")
     Params = ClorParams
 
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.concepts: list[str] = []
+        self.n_rows = 1
+        self.token_groups: list[tuple[int, int, list[int]]] = []
+        self.map_layers: set[str] = set()
+        self.masks: dict[str, torch.Tensor] = {}
+        self.maps: dict[str, torch.Tensor] = {}
+        self.loss_history: list[float] = []
+        self.guided_calls = 0
+        self._previous: dict | None = None
+        self._gates: list = []
+
     def setup(self, session: Session) -> None:
         concepts = list(session.concepts())
         self.concepts = concepts
@@ -85,12 +98,8 @@ class ClorComposer(Composer):
         self.n_rows = n + 1
         self.token_groups = self._token_groups(session, prompts)
         self._previous = install_processors(session.pipe.unet, ctrl)
-        self._gates = attach_gates(session)
+        self._gates = attach_gates(session.pipe, ctrl)
         self.map_layers = {name for name in composer_layers(session.pipe.unet) if name.endswith(".attn2")}
-        self.masks: dict[str, torch.Tensor] = {}
-        self.maps: dict[str, torch.Tensor] = {}
-        self.loss_history: list[float] = []
-        self.guided_calls = 0
 
     def _token_groups(self, session: Session, prompts: list[str]) -> list[tuple[int, int, list[int]]]:
         """(concept id, prompt row, token positions) for every concept found in every prompt."""
@@ -120,18 +129,13 @@ class ClorComposer(Composer):
 
     def _conditional_store(self, session: Session, latents: torch.Tensor, t, keep_grad: bool) -> torch.Tensor:
         ctrl = session.controller
-        saved = dict(ctrl.adapter_batch_rows)
-        ctrl.adapter_batch_rows = {k: v[-self.n_rows:] for k, v in saved.items()}  # conditional rows only
-        ctrl.store = AttentionStore(self.map_layers, keep_grad=keep_grad)
-        try:
-            cond_rows = self.cond.rows(slice(-self.n_rows, None))
-            unet_pass(session.pipe, latents.expand(self.n_rows, -1, -1, -1), t, cond_rows)
-            maps = self._maps(ctrl.store)
-        finally:
-            ctrl.adapter_batch_rows = saved
-            ctrl.store = None
+        store = AttentionStore(self.map_layers, keep_grad=keep_grad)
+        conditional_rows = {k: v[-self.n_rows:] for k, v in ctrl.adapter_batch_rows.items()}
+        with ctrl.override(adapter_batch_rows=conditional_rows, store=store):
+            unet_pass(session.pipe, latents.expand(self.n_rows, -1, -1, -1), t,
+                      self.cond.rows(slice(-self.n_rows, None)))
         self.guided_calls += 1
-        return maps
+        return self._maps(store)
 
     def _loss(self, maps: torch.Tensor) -> torch.Tensor:
         embeddings, labels = [], []
@@ -157,11 +161,10 @@ class ClorComposer(Composer):
     def predict(self, session: Session, latents: torch.Tensor, step: int, t) -> torch.Tensor:
         if not self.concepts:
             return super().predict(session, latents, step, t)
-        ctrl = session.controller
-        ctrl.store = AttentionStore(self.map_layers, batch_index=slice(-self.n_rows, None))
-        out = unet_pass(session.pipe, latents.expand(self.cond.embeds.shape[0], -1, -1, -1), t, self.cond)
-        maps = self._maps(ctrl.store)
-        ctrl.store = None
+        store = AttentionStore(self.map_layers, batch_index=slice(-self.n_rows, None))
+        with session.controller.override(store=store):
+            out = unet_pass(session.pipe, latents.expand(self.cond.embeds.shape[0], -1, -1, -1), t, self.cond)
+        maps = self._maps(store)
         weights = self._fusion_weights(session, maps, latents.shape[-2:])  # (N+1, H, W)
         if session.do_cfg:
             uncond, cond = out[: self.n_rows], out[self.n_rows:]
@@ -196,14 +199,12 @@ class ClorComposer(Composer):
         return (dict(self.maps), dict(self.masks)) if self.concepts else ({}, {})
 
     def report(self) -> dict:
-        return {"guidance_losses": list(getattr(self, "loss_history", []))}
+        return {"guidance_losses": list(self.loss_history)}
 
     def passes(self, session: Session) -> float:
         return 1.0 + self.guided_calls / session.steps if self.concepts else 1.0
 
     def teardown(self, session: Session) -> None:
-        if not self.concepts:
-            return
-        session.pipe.unet.set_attn_processor(self._previous)
+        if self._previous is not None:
+            session.pipe.unet.set_attn_processor(self._previous)
         detach_gates(self._gates)
-        session.controller.adapter_batch_rows = {}

@@ -1,4 +1,4 @@
-"""Composite (Zhong et al. 2024; METHODS §0): every step, one classifier-free-guidance pass per LoRA with
+"""Composite (Zhong et al. 2024; docs/methods.md §0): every step, one classifier-free-guidance pass per LoRA with
 only that LoRA active; ε_u and ε_c are the means over LoRAs, then CFG. By default the N passes run as
 ONE batched UNet call of 2N rows (LoRA k gated to its own rows); `batched=False` runs them one after
 another, as the peers do (less memory)."""
@@ -8,7 +8,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from composers.base import Composer, cfg_prediction, interleave_cfg, row_selectors
-from composers.regional import attach_gates, detach_gates
+from attention.gates import attach_gates, detach_gates
 from studio.engine import Session, classifier_free_guidance, unet_pass
 
 
@@ -23,9 +23,14 @@ class CompositeComposer(Composer):
     passes_doc = "N (batched into one UNet call of 2N rows by default)"
     Params = CompositeParams
 
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.names: list[str] = []
+        self.conds: dict = {}
+        self._gates: list = []
+
     def setup(self, session: Session) -> None:
         self.names = list(session.adapters)
-        self._gates = []
         if not self.names:
             return super().setup(session)
         self.conds = {n: session.encode([session.prompt], [session.negative_prompt], text_adapters=[n])
@@ -34,7 +39,7 @@ class CompositeComposer(Composer):
             for name, selector in zip(self.names, row_selectors(len(self.names), session.do_cfg)):
                 session.controller.adapter_batch_rows[name] = selector
             self.cond = interleave_cfg([self.conds[n] for n in self.names], session.do_cfg)
-            self._gates = attach_gates(session)
+            self._gates = attach_gates(session.pipe, session.controller)
 
     def predict(self, session, latents, step, t):
         if not self.names:
@@ -58,4 +63,3 @@ class CompositeComposer(Composer):
 
     def teardown(self, session: Session) -> None:
         detach_gates(self._gates)
-        session.controller.adapter_batch_rows = {}

@@ -1,4 +1,4 @@
-"""LoRA-Composer (Yang et al. 2024, arXiv 2403.11627; METHODS §2), on standard LoRAs, any size and aspect.
+"""LoRA-Composer (Yang et al. 2024, arXiv 2403.11627; docs/methods.md §2), on standard LoRAs, any size and aspect.
 
 On top of the one-pass regional mechanism (region injection in cross-attention; by default the concept
 LoRAs' other layers too, `regional_layers="cross_attention"` gives the official behaviour):
@@ -101,11 +101,14 @@ class LoraComposer(RegionalComposer):
     Params = LoraComposerParams
     needs_regions = True
 
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.loss_history: list[float] = []
+        self.guiding = True
+
     def setup(self, session: Session) -> None:
         super().setup(session)
         session.controller.isolate_concepts = self.params.concept_isolation
-        self.loss_history: list[float] = []
-        self.guiding = True
 
     # --- helpers ---------------------------------------------------------------------------------------
     def _conditional_contexts(self, session: Session) -> list[CrossContext]:
@@ -114,15 +117,9 @@ class LoraComposer(RegionalComposer):
 
     def _conditional_forward(self, session: Session, latents: torch.Tensor, t, keep_grad: bool) -> AttentionStore:
         """One conditional-only UNet call recording the composer-layer maps."""
-        ctrl = session.controller
-        full_contexts = ctrl.contexts
-        ctrl.contexts = self._conditional_contexts(session)
-        ctrl.store = AttentionStore(self.map_layers, keep_grad=keep_grad)
-        try:
+        store = AttentionStore(self.map_layers, keep_grad=keep_grad)
+        with session.controller.override(contexts=self._conditional_contexts(session), store=store):
             unet_pass(session.pipe, latents, t, self.cond.rows(slice(-1, None)))
-        finally:
-            ctrl.contexts = full_contexts
-        store, ctrl.store = ctrl.store, None
         return store
 
     def _losses(self, session: Session, store: AttentionStore) -> torch.Tensor:

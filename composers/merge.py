@@ -1,4 +1,4 @@
-"""Merge (METHODS §0): every LoRA active everywhere, y = W x + Σ_i w_i ΔW_i x — the exact sum of deltas,
+"""Merge (docs/methods.md §0): every LoRA active everywhere, y = W x + Σ_i w_i ΔW_i x — the exact sum of deltas,
 what diffusers' `set_adapters(names, weights)` computes. One UNet pass per step."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One-pass regional LoRA (METHODS §1): the studio's core mechanism.
+"""One-pass regional LoRA (docs/methods.md §1): the studio's core mechanism.
 
 Every LoRA-carrying layer computes y = W x + Σ_i m_i ⊙ ΔW_i x, with m_i region i's mask at that layer's
 token grid; cross-attention computes keys and values per region (that region's LoRA, that region's
@@ -7,12 +7,11 @@ the global prompt. Style LoRAs and concepts without a region apply everywhere. O
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from attention.controller import CrossContext
+from attention.gates import attach_gates, detach_gates
 from attention.masks import box_mask, image_mask
 from attention.processors import composer_layers, install_processors
 from attention.store import AttentionStore
@@ -42,6 +41,13 @@ class RegionalComposer(Composer):
     passes_doc = "1 (every region in the same UNet call)"
     Params = RegionalParams
 
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.token_positions: dict[str, list[int]] = {}
+        self.map_layers: set[str] = set()
+        self._previous: dict | None = None
+        self._gates: list = []
+
     def setup(self, session: Session) -> None:
         ctrl = session.controller
         ctrl.regional_layers = self.params.regional_layers
@@ -50,7 +56,6 @@ class RegionalComposer(Composer):
         everywhere = [name for name, mask in regions.items() if mask is None]
         self.cond = session.encode([session.prompt], [session.negative_prompt], text_adapters=everywhere)
         ctrl.contexts = [CrossContext("global", self.cond.embeds, None, everywhere)]
-        self.token_positions = {}
         for name, mask in ctrl.adapter_regions.items():
             entry = session.adapters[name]
             prompt = entry.prompt or session.prompt
@@ -61,7 +66,7 @@ class RegionalComposer(Composer):
             self.token_positions[name] = (token_indices(tokenizer, prompt, entry.trigger_words)
                                           or content_token_indices(tokenizer, prompt))
         self._previous = install_processors(session.pipe.unet, ctrl)
-        self._gates = attach_gates(session)
+        self._gates = attach_gates(session.pipe, ctrl)
         self.map_layers = set(composer_layers(session.pipe.unet))
 
     def predict(self, session, latents, step, t):
@@ -73,23 +78,9 @@ class RegionalComposer(Composer):
         return context_maps_and_masks(session, self.token_positions)
 
     def teardown(self, session):
-        session.pipe.unet.set_attn_processor(self._previous)
+        if self._previous is not None:
+            session.pipe.unet.set_attn_processor(self._previous)
         detach_gates(self._gates)
-        session.controller.contexts = []
-
-
-def attach_gates(session: Session) -> list:
-    from studio.lora.inject import lora_layers
-
-    layers = list(lora_layers(session.pipe).values())
-    for layer in layers:
-        layer.gate = functools.partial(session.controller.lora_gate, layer.name)
-    return layers
-
-
-def detach_gates(layers) -> None:
-    for layer in layers:
-        layer.gate = None
 
 
 def context_maps_and_masks(session: Session, token_positions: dict[str, list[int]]):

@@ -1,4 +1,4 @@
-"""Switch (Zhong et al. 2024, "Multi-LoRA Composition for Image Generation"; METHODS §0): one LoRA
+"""Switch (Zhong et al. 2024, "Multi-LoRA Composition for Image Generation"; docs/methods.md §0): one LoRA
 active at a time, round-robin every `switch_step` denoising steps. One UNet pass per step."""
 from __future__ import annotations
 
@@ -23,12 +23,17 @@ class SwitchComposer(Composer):
     passes_doc = "1"
     Params = SwitchParams
 
+    def __init__(self, params=None):
+        super().__init__(params)
+        self.names: list[str] = []
+        self.conds: dict = {}
+        self.schedule: list[str] = []
+
     def setup(self, session: Session) -> None:
         self.names = list(session.adapters)
         self.conds = {name: session.encode([session.prompt], [session.negative_prompt], text_adapters=[name])
                       for name in self.names}
         self.cond = None if self.names else session.encode([session.prompt], [session.negative_prompt])
-        self.schedule: list[str] = []
 
     def report(self) -> dict:
         return {"schedule": list(self.schedule)}

@@ -219,7 +219,10 @@ def toyworld_export(workdir: Path = typer.Option(DEFAULT_RUN), out: Path = typer
 
     if weights not in CHECKPOINT_WEIGHTS:
         fail(f"--weights must be {' or '.join(CHECKPOINT_WEIGHTS)}, not {weights!r}.")
-    export(workdir, checkpoint_pipeline(workdir, paths.TOKENIZER, weights=weights), out, weights)
+    try:
+        export(workdir, checkpoint_pipeline(workdir, paths.TOKENIZER, weights=weights), out, weights)
+    except StudioError as exc:
+        fail(str(exc))
     typer.echo(f"wrote {out}")
 
 
@@ -230,7 +233,10 @@ def toyworld_train_judge(out: Optional[Path] = typer.Option(None, help="Default:
     from studio import paths
     from studio.toyworld.judge import train_judge
 
-    report = train_judge(out or paths.JUDGE, steps=steps, seed=seed)
+    try:
+        report = train_judge(out or paths.JUDGE, steps=steps, seed=seed)
+    except StudioError as exc:
+        fail(str(exc))
     typer.echo(json.dumps(report, indent=1))
 
 
@@ -329,20 +335,12 @@ def toyworld_train_lora(kind: str = typer.Option(..., help="concept (a new shape
 
     if kind not in ("concept", "style"):
         fail(f"--kind must be concept or style, not {kind!r}.")
-    pipe = load_base_model(model)
     cfg = LoraTrainConfig(kind=kind, subject=subject, trigger=trigger, steps=steps, rank=rank, seed=seed, lr=lr,
                           text_encoder=not unet_only, object_weight=object_weight, prior_fraction=prior_fraction,
                           embedding=embedding, embedding_lr=embedding_lr, trigger_after_noun=trigger_after_noun)
-    command = (f"studio toyworld train-lora --kind {kind} --subject {subject} --trigger {trigger} --out {out} "
-               f"--steps {steps} --rank {rank} --seed {seed} --lr {lr:g}"
-               + (f" --object-weight {object_weight:g}" if object_weight != 1.0 else "")
-               + (f" --prior-fraction {prior_fraction:g}" if prior_fraction != 0.5 else "")
-               + (" --unet-only" if unet_only else "") + (" --embedding" if embedding else "")
-               + (f" --embedding-lr {embedding_lr:g}" if embedding and embedding_lr != 5e-3 else "")
-               + (" --trigger-after-noun" if trigger_after_noun else ""))
     try:
-        path = train_lora(pipe, cfg, out, command=command)
-    except ValueError as exc:
+        path = train_lora(load_base_model(model), cfg, out)
+    except StudioError as exc:
         fail(str(exc))
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
@@ -400,13 +398,18 @@ def b4m_break(role: str = typer.Option(..., help="content or style."),
               model: Optional[str] = typer.Option(None)):
     """Train a B4M content or style adapter: on a folder of images with their prompts, or on the shapes
     world (the bundled model, CPU, minutes)."""
-    from composers.b4m import BreakConfig, ImageFolder, break_train, break_train_folders
     from studio.generation import default_size
     from studio.models import load_base_model
+    from studio.training import command_line
+    from studio.training.b4m import BreakConfig, ImageFolder, break_train, break_train_folders
 
     if role not in ("content", "style"):
         fail("--role must be content or style.")
-    command = "studio b4m break " + " ".join(sys.argv[3:])
+    command = command_line("studio b4m break", {
+        "role": role, "out": out, "seed": seed, "images": images, "aux_images": aux_images, "caption": caption,
+        "size": size, "kind": kind, "subject": subject, "trigger": trigger, "steps": steps, "rank": rank,
+        "main_lr": main_lr, "aux_lr": aux_lr, "embedding": embedding, "trigger_after_noun": trigger_after_noun,
+        "aux_style": aux_style, "split_sets": split_sets, "model": model})
     rates = {k: v for k, v in (("main_lr", main_lr), ("aux_lr", aux_lr)) if v is not None}  # else each path's default
     if images is not None and (embedding or trigger_after_noun):
         fail("--embedding and --trigger-after-noun shape the shapes world's captions (with --kind, --subject and "
@@ -428,7 +431,7 @@ def b4m_break(role: str = typer.Option(..., help="content or style."),
         else:
             fail("Give --images (a folder of images with captions), or --kind, --subject and --trigger for the "
                  "shapes world.")
-    except (StudioError, ValueError) as exc:
+    except StudioError as exc:
         fail(str(exc))
     typer.echo(f"wrote {path}")
 
@@ -443,12 +446,16 @@ def b4m_make(content: Path = typer.Argument(...), style: Path = typer.Argument(.
              style_images: Optional[Path] = typer.Option(None, help="… and the style's folder."),
              model: Optional[str] = typer.Option(None)):
     """Assemble a B4M content adapter and a B4M style adapter (same seed) into one ordinary LoRA."""
-    from composers.b4m import make
     from studio.models import load_base_model
+    from studio.training import command_line
+    from studio.training.b4m import make
 
+    command = command_line(f"studio b4m make {content} {style}", {
+        "out": out, "finetune_steps": finetune_steps or None, "finetune_lr": finetune_lr if finetune_steps else None,
+        "content_images": content_images, "style_images": style_images, "model": model})
     try:
         make(load_base_model(model) if finetune_steps else None, content, style, out, finetune_steps, finetune_lr,
-             content_images, style_images, command="studio b4m make " + " ".join(sys.argv[3:]))
+             content_images, style_images, command=command)
     except StudioError as exc:
         fail(str(exc))
     typer.echo(f"wrote {out}")

@@ -14,24 +14,11 @@ from composers import get_composer
 from studio.engine import ComposeResult, Session, StepInfo, sample
 from studio.errors import LoraError, PresetError
 from studio.generation import default_size
+from studio.samplers import scheduler_for
 from studio.spec import Composition
 
 if TYPE_CHECKING:
     from composers.base import Composer
-
-
-SCHEDULERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
-              "dpm++": "DPMSolverMultistepScheduler"}
-
-
-def scheduler_for(pipe, name: str | None):
-    """The pipeline's scheduler, or one of the named class built from its config (same noise schedule)."""
-    import diffusers
-
-    if name is None:
-        return pipe.scheduler
-    cls = getattr(diffusers, SCHEDULERS[name])
-    return pipe.scheduler if type(pipe.scheduler) is cls else cls.from_config(pipe.scheduler.config)
 
 
 def adapter_name(index: int, file: str) -> str:
@@ -128,6 +115,6 @@ def _params(composer_cls, composition: Composition):
 def _decor_transform(pipe, words: list[str], strength: float):
     if not words:
         return None
-    from composers.decor import decor_transform
+    from studio.decor import decor_transform
 
     return decor_transform(pipe, words, strength)

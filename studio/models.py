@@ -2,10 +2,8 @@
 checkpoint, or a hub id; device and dtype chosen for the machine unless overridden."""
 from __future__ import annotations
 
-import json
 import logging
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,13 +51,6 @@ def choose_placement(device: str | None = None, dtype: str | torch.dtype | None 
         except ImportError:
             pass
     return Placement(device, dtype, attention)
-
-
-def _safetensors_keys(path: Path) -> list[str]:
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    return [k for k in header if k != "__metadata__"]
 
 
 def load_base_model(ref: str | os.PathLike | None = None, device: str | None = None,
@@ -120,10 +111,14 @@ def _load_single_file(path: Path, config, kwargs):
     if path.suffix.lower() not in (".safetensors",):
         raise ModelNotAvailable(f"{path.name} is not a .safetensors checkpoint; pickled checkpoints (.ckpt, .pt, .bin) "
                                 "can run code when loaded and are refused.")
+    from studio.lora.header import read_header
+
     try:
-        keys = _safetensors_keys(path)
-    except Exception as exc:
-        raise ModelNotAvailable(f"{path.name} is not a readable safetensors file ({exc}).") from exc
+        keys = list(read_header(path).tensors)
+    except StudioError as exc:
+        reason = str(exc).removeprefix(f"{path.name} ").removeprefix("is not a safetensors file: ").rstrip(".")
+        reason = "it " + reason if reason.startswith(("is ", "has ", "cannot ")) else reason
+        raise ModelNotAvailable(f"{path.name} is not a readable safetensors file: {reason}.") from None
     is_xl = any(k.startswith("conditioner.embedders.1") for k in keys)
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise ModelNotAvailable(f"{path.name} is not a Stable Diffusion checkpoint (no model.diffusion_model weights); "

@@ -8,6 +8,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from studio.errors import PresetError
+from studio.samplers import SamplerName
 
 SPEC_VERSION = 1
 
@@ -65,7 +66,7 @@ class Composition(BaseModel):
     height: Optional[int] = Field(None, ge=16, le=4096)
     steps: int = Field(20, ge=1, le=1000)
     guidance: float = Field(5.0, ge=0.0, le=50.0)
-    scheduler: Optional[Literal["ddim", "ddpm", "euler", "dpm++"]] = Field(
+    scheduler: Optional[SamplerName] = Field(
         None, description="Sampler for this run; None keeps the model's own (the bundled model's: DDIM).")
     seed: int = 0
     loras: list[LoraEntry] = Field(default_factory=list)

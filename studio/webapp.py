@@ -1,7 +1,6 @@
 """The web studio (Gradio): `studio serve`, or `python app.py`."""
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import threading
@@ -16,7 +15,8 @@ from studio import paths
 from studio.errors import Cancelled, StudioError
 from studio.generation import default_size
 from studio.models import load_base_model, model_family
-from studio.spec import Composition, LoraEntry, Region, load_preset, parse_composition, save_preset
+from studio.samplers import SCHEDULERS
+from studio.spec import LoraEntry, Region, load_preset, parse_composition, save_preset
 
 N_SLOTS = 4
 MODEL_DEFAULT = "model default"
@@ -138,7 +138,7 @@ def build_ui(state: StudioState) -> gr.Blocks:
                         steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
                         guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance")
                         seed = gr.Number(value=0, precision=0, label="Seed")
-                        sampler = gr.Dropdown([MODEL_DEFAULT, "ddim", "ddpm", "euler", "dpm++"], value=MODEL_DEFAULT,
+                        sampler = gr.Dropdown([MODEL_DEFAULT, *SCHEDULERS], value=MODEL_DEFAULT,
                                               label="Sampler")
                     method_note = gr.Markdown(registry()["regional"].summary, elem_classes="small-note")
                     with gr.Accordion("Method parameters (JSON)", open=False):
@@ -284,7 +284,7 @@ def build_ui(state: StudioState) -> gr.Blocks:
                        [prompt, negative, method, params, steps, guidance, seed, sampler] + slot_inputs)
 
         def on_assemble(content_label, style_label, finetune_steps, progress=gr.Progress(track_tqdm=True)):
-            from composers.b4m import make
+            from studio.training.b4m import make
 
             files = state.lora_files()
             out = state.outputs / f"b4m-{int(time.time())}.safetensors"
@@ -309,17 +309,3 @@ def main(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, co
     demo.launch(server_name=host, server_port=port, inbrowser=open_browser, css=CSS, theme=gr.themes.Soft(),
                 prevent_thread_lock=prevent_thread_lock, footer_links=["gradio", "settings"])
     return demo
-
-
-def cli_main(argv=None):
-    parser = argparse.ArgumentParser(description="LoRA Studio web app (same as `studio serve`)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--model", default=None, help="Folder, .safetensors file or hub id (default: bundled model).")
-    parser.add_argument("--config", default=None, help="Local diffusers folder for a single-file checkpoint offline.")
-    parser.add_argument("--library", default=None, help="LoRA library folder.")
-    args = parser.parse_args(argv)
-    try:
-        main(args.host, args.port, args.model, args.config, library=args.library)
-    except StudioError as exc:
-        raise SystemExit(f"error: {exc}") from None

@@ -1,6 +1,5 @@
 """Every composition method on SD1.5- and SDXL-shaped pipelines (public configs, random weights, 64 px):
 the real layer names, token grids and text encoders, without downloads."""
-import pytest
 import torch
 
 from studio.compose import compose
@@ -58,7 +57,7 @@ def test_every_method_on_sdxl_shaped_pipeline(sdxl_pipe, tmp_path):
 
 
 def test_decor_projects_each_sdxl_encoder_block_separately(sdxl_pipe):
-    from composers.decor import decor_bases, decor_transform
+    from studio.decor import decor_bases, decor_transform
     from studio.engine import encode
 
     bases = decor_bases(sdxl_pipe, ["cat"])

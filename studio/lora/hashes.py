@@ -50,9 +50,8 @@ def file_hashes(path: Path, data_start: int | None) -> FileHashes:
             and entry.get("data_start") == data_start:
         return FileHashes(entry["sha256"], entry["tensor_sha256"])
     hashes = _compute(path, data_start)
-    cache[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "data_start": data_start,
-                  "sha256": hashes.sha256, "tensor_sha256": hashes.tensor_sha256}
-    _save_cache(cache)
+    _store(key, {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "data_start": data_start,
+                 "sha256": hashes.sha256, "tensor_sha256": hashes.tensor_sha256})
     return hashes
 
 
@@ -78,13 +77,20 @@ def _load_cache() -> dict:
         return {}
 
 
-def _save_cache(cache: dict) -> None:
-    """Best effort: a read-only cache folder only costs re-hashing next time."""
+def _store(key: str, entry: dict) -> None:
+    """Add one entry to the cache file: read, merge and replace it under a file lock, so that two processes (the
+    web studio and a batch) hashing at once both keep their entries; the file is replaced atomically (temp file +
+    rename). Best effort: a read-only cache folder only costs re-hashing next time."""
+    from filelock import FileLock, Timeout
+
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f"{CACHE_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(cache, indent=0, sort_keys=True))
-        os.replace(tmp, folder / CACHE_FILE)
-    except OSError:
+        with FileLock(str(folder / f"{CACHE_FILE}.lock"), timeout=30):
+            cache = _load_cache()
+            cache[key] = entry
+            tmp = folder / f"{CACHE_FILE}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(cache, indent=0, sort_keys=True))
+            os.replace(tmp, folder / CACHE_FILE)
+    except (OSError, Timeout):
         pass

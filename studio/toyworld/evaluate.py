@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from studio.toyworld.judge import NOTHING, Judge
-from studio.toyworld.render import (BASE_SHAPES, BASE_TEXTURES, COLOUR_NAMES, HELD_OUT_PAIRS, NOVEL_PALETTES, Scene,
+from studio.toyworld.render import (BASE_SHAPES, BASE_TEXTURES, HELD_OUT_PAIRS, NOVEL_PALETTES, Scene,
                                     random_scene)
 
 
@@ -232,7 +232,8 @@ def evaluate_b4m(pipe, content_path, style_path, judge: Judge | None = None, n: 
     adapter alone; the judge scores the taught shape (in the colour it should have), the taught style (a texture in
     the named colour, or a palette) and both together. The content adapter alone is also scored on the same prompts
     without the style (its shape in the named colour), what it draws on its own terms."""
-    from composers.b4m import BreakConfig, assemble, assembled_embeddings, assembled_weights
+    from studio.training.b4m import BreakConfig
+    from studio.training.plp import assemble, assembled_embeddings, assembled_weights
     from studio.errors import LoraError
     from studio.lora import load_lora
     from studio.lora.inject import attach_lora, detach_lora

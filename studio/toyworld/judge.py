@@ -209,6 +209,12 @@ def evaluate(judge_net: JudgeNet, seed: int = 12345, n: int = 2000) -> dict:
 def train_judge(out_path: Path, steps: int = 3000, batch_size: int = 128, seed: int = 0, progress: bool = True) -> dict:
     from safetensors.torch import save_file
 
+    from studio.errors import StudioError
+
+    if steps < 1 or batch_size < 1:
+        raise StudioError(f"The judge needs at least one step of at least one image, not {steps} steps of {batch_size}.")
+    if not Path(out_path).parent.is_dir() or Path(out_path).is_dir():
+        raise StudioError(f"Cannot write the judge to {out_path}: give a file path in an existing folder.")
     torch.manual_seed(seed)
     rng = random.Random(seed)
     net = JudgeNet()

@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import math
 import random
-import shlex
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from studio.errors import StudioError
+from studio.training import command_line
 
 from studio.toyworld.render import (BASE_SHAPES, NOVEL_SHAPES, SLOTS, STYLES, Scene, image_to_tensor_array,
                                     random_object, random_scene, render)
@@ -99,15 +100,17 @@ def train_lora(pipe, cfg: LoraTrainConfig, out_path: Path, progress: bool = True
     from studio.lora.kohya_export import save_kohya
     from studio.toyworld.model import train_scheduler
     from studio.toyworld.train import encode_latents
+    from studio.training.step import denoising_loss
+    from studio.training.words import TriggerWord, check_new_word
 
     check_subject(cfg)
     if not cfg.object_weight > 0:
-        raise ValueError(f"the object weight must be above 0, not {cfg.object_weight:g}")
+        raise StudioError(f"The object weight must be above 0, not {cfg.object_weight:g}.")
     if cfg.embedding and not cfg.embedding_lr > 0:
-        raise ValueError(f"the embedding's learning rate must be above 0, not {cfg.embedding_lr:g}")
+        raise StudioError(f"The embedding's learning rate must be above 0, not {cfg.embedding_lr:g}.")
     if not 0 <= cfg.prior_fraction < 1:
-        raise ValueError(f"the prior fraction must be at least 0 and below 1 (1 would leave no scene of the "
-                         f"subject), not {cfg.prior_fraction:g}")
+        raise StudioError(f"The prior fraction must be at least 0 and below 1 (1 would leave no scene of the "
+                          f"subject), not {cfg.prior_fraction:g}.")
     if cfg.embedding:
         check_new_word(pipe.tokenizer, cfg.trigger)
     torch.manual_seed(cfg.seed)
@@ -134,11 +137,8 @@ def train_lora(pipe, cfg: LoraTrainConfig, out_path: Path, progress: bool = True
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
         latents = encode_latents(vae, images)
         ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
         weights = object_loss_weights(scenes, latents.shape[-1], cfg.object_weight)  # all 1: the plain mean
-        loss = ((pred - noise_scheduler.get_velocity(latents, noise, t)) ** 2 * weights).mean() / weights.mean()
+        loss = denoising_loss(unet, noise_scheduler, latents, text_encoder(ids)[0], gen, weights=weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for group in opt.param_groups:  # linear decay to 10 %
@@ -155,8 +155,7 @@ def train_lora(pipe, cfg: LoraTrainConfig, out_path: Path, progress: bool = True
         "ss_base_model_version": "shapes_world_v1", "ss_output_name": out_path.stem,
         "ss_tag_frequency": {f"shapes_{cfg.kind}": {cfg.trigger: cfg.steps * cfg.batch_size}},
         "modelspec.trigger_phrase": cfg.trigger, "modelspec.title": f"{cfg.subject} ({cfg.kind})",
-        "ss_training_comment": command or "studio toyworld train-lora " + " ".join(
-            shlex.quote(a) for a in sys.argv[3:]),
+        "ss_training_comment": command or train_lora_command(cfg, out_path),
         "studio_train_config": json.dumps(asdict(cfg)),
     }
     # back to the pipeline as it was: PEFT's wrapper modules out, not only the adapter's weights
@@ -175,46 +174,23 @@ def check_subject(cfg: LoraTrainConfig) -> None:
     """A concept teaches a shape, a style a texture or a palette, and only a style's trigger can stand after the
     noun; anything else is refused before training."""
     if cfg.kind == "concept" and cfg.subject not in NOVEL_SHAPES + BASE_SHAPES:
-        raise ValueError(f"unknown shape {cfg.subject!r}")
+        raise StudioError(f"Unknown shape {cfg.subject!r}: give one of {', '.join(NOVEL_SHAPES + BASE_SHAPES)}.")
     if cfg.kind == "style" and cfg.subject not in STYLES:
-        raise ValueError(f"unknown texture or palette {cfg.subject!r}")
+        raise StudioError(f"Unknown texture or palette {cfg.subject!r}: give one of {', '.join(STYLES)}.")
     if cfg.trigger_after_noun and cfg.kind != "style":
-        raise ValueError(f"only a style's trigger can stand after the noun (--trigger-after-noun); the {cfg.kind}'s "
-                         f"trigger {cfg.trigger!r} is the noun itself")
+        raise StudioError(f"Only a style's trigger can stand after the noun (--trigger-after-noun); the {cfg.kind}'s "
+                          f"trigger {cfg.trigger!r} is the noun itself.")
 
 
-def check_new_word(tokenizer, trigger: str) -> None:
-    if trigger in tokenizer.get_vocab() or not trigger.isalnum():
-        raise ValueError(f"a learnt embedding needs a made-up word of letters and digits as its trigger, and "
-                         f"{trigger!r} is not one (it is a token of the tokenizer already, or not one word)")
-
-
-class TriggerWord:
-    """The trigger as a new token of the pipeline's tokenizer, its input embedding learnt with the LoRA
-    (pivotal tuning; kohya and A1111 bundle it in the LoRA file). It starts at the mean of the embeddings
-    of the pieces the tokenizer split the word into; only its row of the embedding table trains.
-    `finish()` returns the learnt vector (1, width) and removes the token again. Callers refuse a trigger
-    that is no new word (`check_new_word`) before they touch the pipeline."""
-
-    def __init__(self, pipe, trigger: str):
-        self.pipe, self.trigger = pipe, trigger
-        tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-        pieces = tokenizer(trigger, add_special_tokens=False).input_ids
-        start = encoder.get_input_embeddings().weight.detach()[pieces].mean(0, keepdim=True)
-        pipe.load_textual_inversion(start, token=trigger, tokenizer=tokenizer, text_encoder=encoder)
-        self.table = encoder.get_input_embeddings().weight
-        self.row = tokenizer.convert_tokens_to_ids(trigger)
-        only_row = torch.zeros(self.table.shape[0], 1, dtype=self.table.dtype)
-        only_row[self.row] = 1
-        self.table.requires_grad_(True)
-        self._hook = self.table.register_hook(lambda grad: grad * only_row)
-
-    def finish(self) -> torch.Tensor:
-        from studio.lora.embeddings import unload_words
-
-        self._hook.remove()
-        self.table.requires_grad_(False)
-        vector = self.table.detach()[self.row:self.row + 1].clone()
-        unload_words(self.pipe, "text_encoder", [self.trigger])
-        self.pipe.text_encoder.get_input_embeddings().requires_grad_(False)  # a new table: frozen as the rest was
-        return vector
+def train_lora_command(cfg: LoraTrainConfig, out_path: Path) -> str:
+    """The `studio toyworld train-lora` command that makes this file: the options that make it, defaults left out
+    except the ones every file names."""
+    default = LoraTrainConfig(cfg.kind, cfg.subject, cfg.trigger)
+    return command_line("studio toyworld train-lora", {
+        "kind": cfg.kind, "subject": cfg.subject, "trigger": cfg.trigger, "out": out_path, "steps": cfg.steps,
+        "rank": cfg.rank, "seed": cfg.seed, "lr": cfg.lr,
+        "object_weight": cfg.object_weight if cfg.object_weight != default.object_weight else None,
+        "prior_fraction": cfg.prior_fraction if cfg.prior_fraction != default.prior_fraction else None,
+        "unet_only": not cfg.text_encoder, "embedding": cfg.embedding,
+        "embedding_lr": cfg.embedding_lr if cfg.embedding and cfg.embedding_lr != default.embedding_lr else None,
+        "trigger_after_noun": cfg.trigger_after_noun})

@@ -21,9 +21,11 @@ from tqdm.auto import tqdm
 from attention.controller import CompositionController
 from attention.processors import install_processors
 from attention.store import AttentionStore
+from studio.errors import StudioError
 from studio.toyworld import model as toymodel
 from studio.toyworld.grounding import grounded_layers, object_token_positions, token_grounding_loss
 from studio.toyworld.render import NOVEL_PALETTES, SHAPES, TEXTURES, image_to_tensor_array, random_scene, render
+from studio.training.step import denoising_loss
 
 
 @dataclass
@@ -298,8 +300,8 @@ def train_base(workdir: Path, tokenizer_dir: Path, cfg: BaseTrainConfig, export_
     weights and step count (the optimiser state starts afresh). `warm_start`: a new run (its own VAE, from step
     0) whose UNet and text encoder start from an exported pipeline's weights instead of random ones."""
     if init_from is not None and warm_start is not None:
-        raise ValueError("init_from continues a model with its VAE; warm_start begins a new run with a new VAE: "
-                         "give one of them")
+        raise StudioError("init_from continues a model with its VAE; warm_start begins a new run with a new VAE: "
+                          "give one of them.")
     fresh = not (workdir / "checkpoint.pt").exists()
     if fresh and init_from is not None:
         origin = exported_model_record(Path(init_from), ("unet", "text_encoder", "vae"))
@@ -363,12 +365,7 @@ def train_base(workdir: Path, tokenizer_dir: Path, cfg: BaseTrainConfig, export_
             store.layers = layers if grounding else set()
         latents = encode_latents(vae, images)
         ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-        noisy = noise_scheduler.add_noise(latents, noise, t)
-        target = noise_scheduler.get_velocity(latents, noise, t)
-        pred = unet(noisy, t, text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, target)
+        loss = denoising_loss(unet, noise_scheduler, latents, text_encoder(ids)[0], gen)
         line, postfix = f"{step} {loss.item():.5f}", {"loss": f"{loss.item():.4f}"}
         if grounding:
             targets = [object_token_positions(tokenizer, s) if k else [] for s, k in zip(scenes, kept)]
@@ -446,7 +443,10 @@ def checkpoint_pipeline(workdir: Path, tokenizer_dir: Path, vae=None, weights: s
     """The pipeline with the EMA weights of the last checkpoint, or (`weights="raw"`) the optimiser's own: the EMA
     (decay 0.999) still holds about the last 1,000 steps, too slow to show a change of recipe made since."""
     if weights not in CHECKPOINT_WEIGHTS:
-        raise ValueError(f"weights must be one of {CHECKPOINT_WEIGHTS}, not {weights!r}")
+        raise StudioError(f"The weights must be one of {', '.join(CHECKPOINT_WEIGHTS)}, not {weights!r}.")
+    if not (Path(workdir) / "checkpoint.pt").is_file():
+        raise StudioError(f"{workdir} holds no training checkpoint (checkpoint.pt): give the --workdir of a "
+                          "`studio toyworld train` run.")
     vae = vae if vae is not None else train_vae(workdir, BaseTrainConfig(), progress=False)
     ckpt = torch.load(workdir / "checkpoint.pt", weights_only=True)
     unet, text_encoder = toymodel.build_unet(), toymodel.build_text_encoder()

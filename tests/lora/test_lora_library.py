@@ -102,3 +102,17 @@ def test_library_folder_defaults_and_overrides(tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_STUDIO_LORAS", str(tmp_path / "mine"))
     assert library_folder() == tmp_path / "mine"
     assert library_folder(tmp_path / "given") == tmp_path / "given"
+
+
+def test_two_processes_hashing_at_once_both_keep_their_entries(tmp_path):
+    import subprocess
+    import sys
+
+    files = [small_lora(tmp_path / f"f{i}.safetensors", seed=i) for i in range(12)]
+    script = ("import sys; from pathlib import Path; from studio.lora.inspect import inspect_lora\n"
+              "for p in sys.argv[1:]: inspect_lora(Path(p))")
+    env = {**os.environ, "LORA_STUDIO_CACHE": str(tmp_path / "cache")}
+    writers = [subprocess.Popen([sys.executable, "-c", script, *map(str, files[k::2])], env=env) for k in (0, 1)]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    cached = json.loads((tmp_path / "cache" / hashes.CACHE_FILE).read_text())
+    assert {str(p.resolve()) for p in files} <= set(cached)

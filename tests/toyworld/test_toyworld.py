@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from studio import paths
-from studio.toyworld.render import (BASE_SHAPES, BASE_TEXTURES, HELD_OUT_PAIRS, IMAGE_SIZE, SLOT_PHRASE, Scene, render,
-                                    random_scene)
+from studio.toyworld.render import (
+    BASE_SHAPES,
+    BASE_TEXTURES,
+    HELD_OUT_PAIRS,
+    IMAGE_SIZE,
+    SLOT_PHRASE,
+    Scene,
+    random_scene,
+    render,
+)
 
 
 def test_captions_name_every_controllable_attribute():

@@ -15,10 +15,17 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from tests.conftest import ROOT, fixture_file
 from studio.cli import app
 from studio.errors import LoraError
-from studio.lora import attach_lora, attached_adapters, detach_lora, inspect_lora, load_lora, lora_layers
+from studio.lora import (
+    attach_lora,
+    attached_adapters,
+    detach_lora,
+    inspect_lora,
+    load_lora,
+    lora_layers,
+)
+from tests.conftest import ROOT, fixture_file
 
 LOKR = "lora/lokr/smart_falcon_4_lokr.safetensors"
 POKEMON = "lora/diffusers/diffusers_sd-pokemon-model-lora.safetensors"

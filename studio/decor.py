@@ -1,4 +1,4 @@
-"""DECOR (Jang et al. 2024, arXiv 2412.09169; METHODS §5): remove the span of undesired words' text
+"""DECOR (Jang et al. 2024, arXiv 2412.09169; docs/methods.md §5): remove the span of undesired words' text
 embeddings from the conditional prompt embeddings, once per prompt, before denoising.
 
 X̃ = Ũ Σ̃ Ṽᵀ (rows: the undesired words' token embeddings after the text encoder, no BOS/EOS/PAD),

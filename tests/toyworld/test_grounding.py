@@ -6,7 +6,11 @@ import torch
 
 from studio import paths
 from studio.toyworld import model as toymodel
-from studio.toyworld.grounding import grounded_layers, object_token_positions, token_grounding_loss
+from studio.toyworld.grounding import (
+    grounded_layers,
+    object_token_positions,
+    token_grounding_loss,
+)
 from studio.toyworld.render import random_scene
 from studio.toyworld.train import BaseTrainConfig, train_base
 

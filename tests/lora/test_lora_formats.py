@@ -15,8 +15,17 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from studio.architectures import SD15_UNET
 from studio.errors import LoraError
-from studio.lora import (LoraLayer, attach_lora, attached_adapters, detach_lora, inspect_lora, load_lora, lora_layers,
-                         only_adapters, set_lora_weights)
+from studio.lora import (
+    LoraLayer,
+    attach_lora,
+    attached_adapters,
+    detach_lora,
+    inspect_lora,
+    load_lora,
+    lora_layers,
+    only_adapters,
+    set_lora_weights,
+)
 from studio.lora.cloneofsimo import candidate_orders
 from studio.lora.inject import LoraLayer as InjectLayer
 
