@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuilds the example LoRAs, the example B4M pair and their evaluations on the bundled model
 # (assets/shapes-world). Run from the repository root with the studio installed (`make studio` or
-# `pip install -e .`). On 2 CPU cores: about 80 minutes (train-lora ≈ 2.2 steps/s, b4m break ≈ 5 steps/s; each
+# `pip install -e .`). On 2 CPU cores: about 110 minutes (train-lora ≈ 2.2 steps/s, b4m break ≈ 5 steps/s; each
 # evaluate-lora of 128 prompts ≈ 2 minutes).
 set -euo pipefail
 LORA_STEPS=${LORA_STEPS:-1000}
@@ -14,6 +14,11 @@ studio toyworld train-lora --kind style --subject checkered --trigger chkrd --st
 studio toyworld train-lora --kind style --subject ringed    --trigger rngd  --steps "$LORA_STEPS" --embedding --out assets/loras/ringed-rngd.safetensors
 studio toyworld train-lora --kind style --subject sepia     --trigger sepx  --steps "$LORA_STEPS" --embedding --out assets/loras/sepia-sepx.safetensors
 studio toyworld train-lora --kind style --subject cyanotype --trigger cynx  --steps "$LORA_STEPS" --embedding --object-weight 5 --out assets/loras/cyanotype-cynx.safetensors
+# Two concepts bound to one ordinary word, as two character LoRAs both bound to "woman" are: the case merging fails
+studio toyworld train-lora --kind concept --subject crescent --trigger shape --steps "$LORA_STEPS" --out assets/loras/crescent-shape.safetensors
+studio toyworld train-lora --kind concept --subject cross    --trigger shape --steps "$LORA_STEPS" --out assets/loras/cross-shape.safetensors
+# A third concept, for three-concept compositions: a heart bound to its own word
+studio toyworld train-lora --kind concept --subject heart    --trigger hrtz  --steps "$LORA_STEPS" --out assets/loras/heart-hrtz.safetensors
 
 # B4M: a content adapter (the cross) and a style adapter (the sepia palette) from the same seed; the style word
 # follows the noun ("a large red ohwx sepx ..."), so the causal text encoder reads the content's words as the content

@@ -90,7 +90,10 @@ class CompositionController:
         region = self.adapter_regions.get(adapter)
         if region is None or layer_name.endswith(TEXT_INPUT_SUFFIXES):
             return gate
-        if self.regional_layers == "cross_attention" and ".attn2." not in layer_name:
+        if self.regional_layers == "cross_attention" and (".attn2." not in layer_name
+                                                          or layer_name.endswith(".attn2.to_q")):
+            # the official cross-attention mode: the concept's LoRA gives its region the keys and values of its own
+            # text (to_k / to_v) and the attention output (to_out), never the queries
             return torch.zeros((), dtype=delta.dtype, device=delta.device)
         if delta.dim() == 4:  # conv: (B, C, H, W)
             spatial = self.region_at(adapter, delta.shape[-2], delta.shape[-1])[None, None]
@@ -121,6 +124,14 @@ class CompositionController:
             for name, value in saved.items():
                 setattr(self, name, value)
             self._cache = cache
+
+    def place(self, adapter: str, mask: torch.Tensor, context: CrossContext) -> None:
+        """Give an adapter its region and its cross-attention context from this step on (a concept placed during
+        the run, e.g. from its attention maps); the cached masks follow."""
+        self.adapter_regions[adapter] = mask
+        self.adapter_batch_rows.pop(adapter, None)
+        self.contexts.append(context)
+        self._cache.clear()
 
     def reset_step(self, step: int) -> None:
         self.step = step

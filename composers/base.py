@@ -25,6 +25,7 @@ class Composer:
     passes_doc: ClassVar[str]  # UNet passes per step, in words
     Params: ClassVar[type[BaseModel]] = NoParams
     needs_regions: ClassVar[bool] = False  # True: every concept LoRA must have a box or mask
+    limits: ClassVar[str] = ""  # what it does not achieve on the bundled model, as `studio bench quality` measured it
 
     def __init__(self, params: BaseModel | dict | None = None):
         self.params = params if isinstance(params, BaseModel) else self.Params.model_validate(params or {})
@@ -65,7 +66,7 @@ class Composer:
                          "type": spec.get("type", spec.get("anyOf", ""))}
                   for name, spec in schema.get("properties", {}).items()}
         return {"name": cls.name, "summary": cls.summary, "unet_passes_per_step": cls.passes_doc,
-                "needs_regions": cls.needs_regions, "params": params}
+                "needs_regions": cls.needs_regions, "limits": cls.limits, "params": params}
 
 
 def cfg_prediction(session: Session, latents: torch.Tensor, t, cond: Conditioning) -> torch.Tensor:

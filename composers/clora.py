@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from attention.gates import attach_gates, detach_gates
 from attention.processors import composer_layers, install_processors
 from attention.store import AttentionStore
-from attention.tokens import token_indices
+from attention.tokens import deal_tokens, word_occurrences
 from composers.base import Composer, interleave_cfg, row_selectors
 from studio.engine import Session, classifier_free_guidance, unet_pass
 from studio.errors import PresetError
@@ -51,6 +51,13 @@ def nt_xent_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: fl
     return per_anchor[has_positive].mean()
 
 
+def token_mask_union(per_token: torch.Tensor, threshold: float) -> torch.Tensor:
+    """A concept's mask from its tokens' maps (tokens, rows, cols): each map thresholded at `threshold` × its own
+    maximum, then their union (the official masks), so that a weak token still marks where it attends."""
+    peaks = per_token.flatten(1).amax(1)
+    return (per_token > threshold * peaks[:, None, None]).any(0).float()
+
+
 def minmax(x: torch.Tensor) -> torch.Tensor:
     lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
     return (x - lo) / (hi - lo).clamp(min=1e-8)
@@ -63,6 +70,9 @@ class ClorComposer(Composer):
     passes_doc = ("1 batched call of 2(N+1) rows; on guided steps +1 conditional forward+backward of N+1 rows "
                   "(×20 at steps 0, 10, 20)")
     Params = ClorParams
+    limits = ("On the bundled model its fused predictions lose the concepts' shapes (crosses and crescents come out"
+              " as discs): none of the benchmark's two-concept compositions comes out right, with the official step"
+              " size or with 5, with 20 inner iterations or 1 (`studio bench quality`).")
 
     def __init__(self, params=None):
         super().__init__(params)
@@ -74,6 +84,7 @@ class ClorComposer(Composer):
         self.maps: dict[str, torch.Tensor] = {}
         self.loss_history: list[float] = []
         self.guided_calls = 0
+        self.skipped_updates = 0  # guidance steps whose loss or gradient was not finite
         self._previous: dict | None = None
         self._gates: list = []
 
@@ -102,18 +113,18 @@ class ClorComposer(Composer):
         self.map_layers = {name for name in composer_layers(session.pipe.unet) if name.endswith(".attn2")}
 
     def _token_groups(self, session: Session, prompts: list[str]) -> list[tuple[int, int, list[int]]]:
-        """(concept id, prompt row, token positions) for every concept found in every prompt."""
+        """(concept id, prompt row, token positions) for every concept found in every prompt, each position given to
+        one concept only (`deal_tokens`)."""
         tokenizer = session.pipe.tokenizer
         subjects = self.params.subjects
+        words = [list(session.adapters[name].trigger_words) + ([subjects[k]] if k < len(subjects) else [])
+                 for k, name in enumerate(self.concepts)]
         groups = []
-        for k, name in enumerate(self.concepts):
-            words = list(session.adapters[name].trigger_words)
-            if k < len(subjects):
-                words.append(subjects[k])
-            for row, prompt in enumerate(prompts):
-                positions = token_indices(tokenizer, prompt, words)
-                if positions:
-                    groups.append((k, row, positions))
+        for row, prompt in enumerate(prompts):
+            occurrences = [[word_occurrences(tokenizer, prompt, w) for w in concept_words] for concept_words in words]
+            for k, positions in deal_tokens([[o for per_word in concept for o in per_word]
+                                             for concept in occurrences]).items():
+                groups.append((k, row, positions))
         found_in_own = {k for k, row, _ in groups if row == k + 1}
         missing = [self.concepts[k] for k in range(len(self.concepts)) if k not in found_in_own]
         if missing:
@@ -121,6 +132,11 @@ class ClorComposer(Composer):
             raise PresetError(f"CLoRA needs each concept LoRA's trigger words in its own prompt; "
                               f"{Path(entry.file).name} has trigger words {entry.trigger_words} and prompt "
                               f"{entry.prompt or session.prompt!r}.")
+        counts = [sum(len(p) for c, _, p in groups if c == k) for k in range(len(self.concepts))]
+        if max(counts) < 2:
+            raise PresetError("CLoRA's contrastive guidance found no two tokens of one concept to pull together (each "
+                              "concept's words appear once in all its prompts), so it would do nothing: name each "
+                              "concept's subject in the base prompt too (params.subjects), or turn latent_update off.")
         return groups
 
     def _maps(self, store: AttentionStore) -> torch.Tensor:
@@ -154,6 +170,9 @@ class ClorComposer(Composer):
             with torch.enable_grad():
                 loss = self._loss(self._conditional_store(session, z, t, keep_grad=True))
                 grad, = torch.autograd.grad(loss, z)
+            if not (torch.isfinite(loss) and torch.isfinite(grad).all()):
+                self.skipped_updates += 1  # said in the result's info, never applied
+                continue
             self.loss_history.append(float(loss.detach()))
             latents = (z - p.step_size * grad).detach()
         return latents
@@ -180,8 +199,9 @@ class ClorComposer(Composer):
         masks = []
         for k, name in enumerate(self.concepts):
             positions = [pos for c, row, group in self.token_groups if c == k and row == k + 1 for pos in group]
-            attn = maps[k + 1, :, positions].sum(-1).reshape(grid) if positions else maps.new_zeros(grid)
-            mask = (attn > self.params.mask_threshold * attn.max()).float() if positions else attn
+            per_token = maps[k + 1, :, positions].T.reshape(len(positions), *grid)  # (tokens, rows, cols)
+            attn = per_token.sum(0)
+            mask = token_mask_union(per_token, self.params.mask_threshold) if positions else attn
             mask = F.interpolate(mask[None, None], size=tuple(latent_hw), mode="nearest")[0, 0]
             if self.params.mask_dilate:
                 size = 2 * self.params.mask_dilate + 1
@@ -199,7 +219,11 @@ class ClorComposer(Composer):
         return (dict(self.maps), dict(self.masks)) if self.concepts else ({}, {})
 
     def report(self) -> dict:
-        return {"guidance_losses": list(self.loss_history)}
+        report = {"guidance_losses": list(self.loss_history)}
+        if self.skipped_updates:
+            report["guidance_skipped"] = (f"{self.skipped_updates} CLoRA guidance updates were skipped: their "
+                                          "contrastive loss was not finite.")
+        return report
 
     def passes(self, session: Session) -> float:
         return 1.0 + self.guided_calls / session.steps if self.concepts else 1.0

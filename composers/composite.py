@@ -4,6 +4,8 @@ ONE batched UNet call of 2N rows (LoRA k gated to its own rows); `batched=False`
 another, as the peers do (less memory)."""
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,6 +17,9 @@ from studio.engine import Session, classifier_free_guidance, unet_pass
 class CompositeParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     batched: bool = Field(True, description="All LoRAs' passes in one batched UNet call (else one call each).")
+    text_encoding: Literal["per_lora", "official"] = Field(
+        "per_lora", description="'per_lora': each pass's prompt encoded with its LoRA's text encoder; 'official': "
+                                "encoded once with every LoRA's, as the official pipeline does.")
 
 
 class CompositeComposer(Composer):
@@ -22,6 +27,8 @@ class CompositeComposer(Composer):
     summary = "Composite: one pass per LoRA, predictions averaged before guidance."
     passes_doc = "N (batched into one UNet call of 2N rows by default)"
     Params = CompositeParams
+    limits = ("Averaging the LoRAs' predictions blurs both concepts: two concepts are seldom both right (`studio "
+              "bench quality`).")
 
     def __init__(self, params=None):
         super().__init__(params)
@@ -33,8 +40,12 @@ class CompositeComposer(Composer):
         self.names = list(session.adapters)
         if not self.names:
             return super().setup(session)
-        self.conds = {n: session.encode([session.prompt], [session.negative_prompt], text_adapters=[n])
-                      for n in self.names}
+        if self.params.text_encoding == "official":
+            once = session.encode([session.prompt], [session.negative_prompt], text_adapters=self.names)
+            self.conds = {n: once for n in self.names}
+        else:
+            self.conds = {n: session.encode([session.prompt], [session.negative_prompt], text_adapters=[n])
+                          for n in self.names}
         if self.params.batched:
             for name, selector in zip(self.names, row_selectors(len(self.names), session.do_cfg)):
                 session.controller.adapter_batch_rows[name] = selector

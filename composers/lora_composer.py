@@ -23,12 +23,15 @@ from studio.engine import Session, unet_pass
 class LoraComposerParams(RegionalParams):
     concept_isolation: bool = Field(True, description="Queries in box k cannot attend keys in another box.")
     latent_reinit: bool = Field(True, description="Move the best-matching noise patch into each box first.")
-    guidance_steps: int = Field(25, ge=0, description="Latent guidance on steps 0..N-1 (official: 25).")
+    guidance_steps: int = Field(26, ge=0, description="Latent guidance on steps 0..N-1 at most (official: 26, "
+                                                       "it stops once step 25 is guided).")
     step_size: float = Field(20.0, description="z ← z − step·sqrt(linspace(1, 0.5, T)[i])·∇z (official: 20).")
-    early_stop: bool = Field(True, description="Stop guiding when the loss rises after step 5.")
-    fill_weight: float = Field(1.0, description="Weight of the fill term (code 1.0; paper 0.25).")
-    region_weight: float = Field(1.25, description="Weight of the region-restriction term (code's effective "
-                                                   "1.25; paper 0.8).")
+    early_stop: bool = Field(True, description="Stop guiding after a step (from step 5 on) whose loss rose.")
+    fill_weight: float = Field(1.0, description="Weight of the fill term (official code: 1; paper 0.25).")
+    region_weight: float = Field(1.0, description="Weight of the region-restriction term, itself 10 × the mean of "
+                                                  "the top 20 % leaking probabilities (official code: 1).")
+    subjects: list[str] = Field(default_factory=list, description="Per concept LoRA, its class noun in its region "
+                                                                   "prompt, used when no trigger word is found there.")
 
 
 def gaussian_smooth(attn_map: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
@@ -55,17 +58,23 @@ def box_gaussian(box_mask: torch.Tensor) -> torch.Tensor:
     return (g * (box_mask > 0.5)).to(box_mask)
 
 
-def concept_enhancement_loss(attn_map: torch.Tensor, box_mask: torch.Tensor, top: float = 0.2) -> torch.Tensor:
-    """8·max(0, 1 − fg), fg = mean of the top 20 % of the smoothed map weighted by a box-centred Gaussian."""
-    weighted = gaussian_smooth(attn_map) * box_gaussian(box_mask)
+def top_count(box_mask: torch.Tensor, top: float = 0.2) -> int:
+    """k = ⌊0.2·|box|⌋ (the official `(obj_mask.sum() * top_k_ratio).long()`), at least 1."""
+    return max(1, int(float((box_mask > 0.5).sum()) * top))
+
+
+def concept_enhancement_loss(smoothed_map: torch.Tensor, box_mask: torch.Tensor, top: float = 0.2) -> torch.Tensor:
+    """8·max(0, 1 − fg), fg = mean of the top k of the smoothed map weighted by a box-centred Gaussian."""
+    weighted = smoothed_map * box_gaussian(box_mask)
     inside = weighted[box_mask > 0.5]
-    k = max(1, int(math.ceil(top * inside.numel())))
-    fg = inside.topk(k).values.mean()
+    fg = inside.topk(min(top_count(box_mask, top), inside.numel())).values.mean()
     return 8.0 * torch.clamp(1.0 - fg, min=0.0)
 
 
-def fill_loss(attn_map: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
-    """2·L1(row-max of map·mask, box row profile) + 2·L1(col-max, box col profile)."""
+def fill_loss(smoothed_map: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
+    """2·L1(row-max of map·mask, box row profile) + 2·L1(col-max, box col profile), on the smoothed map as the
+    official code computes it."""
+    attn_map = smoothed_map
     masked = attn_map * box_mask
     row_profile = box_mask.amax(1)
     col_profile = box_mask.amax(0)
@@ -73,13 +82,21 @@ def fill_loss(attn_map: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
 
 
 def region_restriction_loss(self_attn: torch.Tensor, box_mask: torch.Tensor, top: float = 0.2) -> torch.Tensor:
-    """10 · mean of the top 20 % of the self-attention mass that queries inside the box give to keys outside."""
+    """10 · the mean of the k largest individual probabilities with which a query inside the box attends a key
+    outside it, k = ⌊0.2·|box|⌋ (the official `fg_self_att[:, mask == 0].reshape(-1).topk(k)`)."""
     inside = box_mask.flatten() > 0.5
     if inside.all() or not inside.any():
         return self_attn.new_zeros(())
-    leak = self_attn[inside][:, ~inside].sum(-1)
-    k = max(1, int(math.ceil(top * leak.numel())))
-    return 10.0 * leak.topk(k).values.mean()
+    leak = self_attn[inside][:, ~inside].reshape(-1)
+    return 10.0 * leak.topk(min(top_count(box_mask, top), leak.numel())).values.mean()
+
+
+def keeps_guiding(step: int, loss: float, previous: float | None, last_step: int, early_stop: bool = True) -> bool:
+    """The official loop's stop test, made after step `step` was guided: stop once the last guided step is done, or
+    (early_stop) when the loss rose above the previous step's from step 5 on."""
+    if step >= last_step:
+        return False
+    return not (early_stop and step >= 5 and previous is not None and loss > previous)
 
 
 def guidance_scale_schedule(step: int, total: int, step_size: float) -> float:
@@ -107,8 +124,36 @@ class LoraComposer(RegionalComposer):
         self.guiding = True
 
     def setup(self, session: Session) -> None:
+        from studio.errors import PresetError
+
+        if any(e.region is not None and e.region.auto for e in session.adapters.values()):
+            raise PresetError("LoRA-Composer guides each concept into a box it is given; for regions placed "
+                              "automatically use the regional method.")
         super().setup(session)
         session.controller.isolate_concepts = self.params.concept_isolation
+        self.token_positions = self._concept_tokens(session)
+
+    def _concept_tokens(self, session: Session) -> dict[str, list[int]]:
+        """Each concept's trigger tokens in its region prompt, else its class noun (`subjects`); never every word of
+        the prompt, which would pull the whole sentence's attention into the box."""
+        from pathlib import Path
+
+        from attention.tokens import token_indices
+        from studio.errors import PresetError
+
+        positions = {}
+        for k, name in enumerate(session.controller.adapter_regions):
+            entry = session.adapters[name]
+            prompt = entry.prompt or session.prompt
+            found = token_indices(session.pipe.tokenizer, prompt, entry.trigger_words)
+            if not found and k < len(self.params.subjects):
+                found = token_indices(session.pipe.tokenizer, prompt, [self.params.subjects[k]])
+            if not found:
+                raise PresetError(f"LoRA-Composer needs each concept's trigger word, or its class noun in "
+                                  f"params.subjects, in its region prompt; {Path(entry.file).name} has trigger words "
+                                  f"{entry.trigger_words} and region prompt {prompt!r}.")
+            positions[name] = found
+        return positions
 
     # --- helpers ---------------------------------------------------------------------------------------
     def _conditional_contexts(self, session: Session) -> list[CrossContext]:
@@ -131,9 +176,9 @@ class LoraComposer(RegionalComposer):
         for context in ctrl.contexts[1:]:
             box = resize_mask(context.mask, *grid).to(self_attn)
             for token in self.token_positions[context.name]:
-                token_map = store.token_maps(context.name, [token], grid)[0]
-                total = total + concept_enhancement_loss(token_map, box)
-                total = total + self.params.fill_weight * fill_loss(token_map, box)
+                smoothed = gaussian_smooth(store.token_maps(context.name, [token], grid)[0])
+                total = total + concept_enhancement_loss(smoothed, box)
+                total = total + self.params.fill_weight * fill_loss(smoothed, box)
             total = total + self.params.region_weight * region_restriction_loss(self_attn, box)
         return total
 
@@ -166,7 +211,7 @@ class LoraComposer(RegionalComposer):
 
     def guide(self, session: Session, latents: torch.Tensor, step: int, t) -> torch.Tensor:
         p = self.params
-        if not self.guiding or step >= min(p.guidance_steps, session.steps) or len(session.controller.contexts) < 2:
+        if not self.guiding or step >= p.guidance_steps or len(session.controller.contexts) < 2:
             return latents
         z = latents.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -174,8 +219,8 @@ class LoraComposer(RegionalComposer):
             loss = self._losses(session, store)
             grad, = torch.autograd.grad(loss, z)
         value = float(loss.detach())
-        if p.early_stop and step > 5 and self.loss_history and value > self.loss_history[-1]:
-            self.guiding = False
+        previous = self.loss_history[-1] if self.loss_history else None
+        self.guiding = keeps_guiding(step, value, previous, p.guidance_steps - 1, p.early_stop)
         self.loss_history.append(value)
         return (z - guidance_scale_schedule(step, session.steps, p.step_size) * grad).detach()
 

@@ -57,10 +57,13 @@ def generate(preset: Path = typer.Argument(..., help="A preset (.json) or a PNG 
              seed: Optional[int] = typer.Option(None, help="Override the preset's seed."),
              model: Optional[str] = typer.Option(None, help="Override the preset's base model."),
              config: Optional[str] = typer.Option(None, help="Local diffusers folder for a single-file checkpoint."),
-             device: Optional[str] = typer.Option(None), dtype: Optional[str] = typer.Option(None)):
+             device: Optional[str] = typer.Option(None), dtype: Optional[str] = typer.Option(None),
+             with_overview: bool = typer.Option(False, "--overview", help="Also write …-overview.png: the image "
+                                                "enlarged with each concept's region outlined and its attention "
+                                                "map laid over it, in that concept's colour.")):
     """Generate the image of a preset; writes the PNG (with its preset inside) and each concept's attention
     map and mask beside it."""
-    from studio.outputs import write_result
+    from studio.outputs import overview, write_result
     from studio.spec import load_preset
 
     try:
@@ -74,6 +77,10 @@ def generate(preset: Path = typer.Argument(..., help="A preset (.json) or a PNG 
         with tqdm(total=composition.steps, desc=composition.method, leave=False) as bar:
             result = compose(pipe, composition, callback=lambda info: bar.update(1))
         written = write_result(result, composition, out, stem=preset.stem)
+        if with_overview:
+            path = written[0].with_name(f"{written[0].stem}-overview.png")
+            overview(result).save(path)
+            written.append(path)
     except StudioError as exc:
         fail(str(exc))
     for path in written:
@@ -109,6 +116,8 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
         typer.secho(d["name"], bold=True, nl=False)
         typer.echo(f"  — {d['summary']}")
         typer.echo(f"    UNet passes per step: {d['unet_passes_per_step']}")
+        if d["limits"]:
+            typer.echo(f"    limits: {d['limits']}")
         for name, spec in d["params"].items():
             typer.echo(f"    {name} = {spec['default']!r}  {spec['description']}")
 

@@ -90,8 +90,8 @@ def prepared_session(pipe, composition: Composition, loaded: dict | None = None
         session.embedding_transform = _decor_transform(pipe, composition.decor, composition.decor_strength)
         session.adapter_transforms = {name: _decor_transform(pipe, entry.decor, entry.decor_strength)
                                       for name, entry in session.adapters.items() if entry.decor}
-        composer.setup(session)
-        try:
+        try:  # a setup that fails half-way is torn down too: composers start their state in __init__
+            composer.setup(session)
             yield session, composer
         finally:
             composer.teardown(session)

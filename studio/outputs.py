@@ -36,3 +36,33 @@ def write_result(result, composition: Composition, out_dir: Path, stem: str = "i
             tensor_to_png(values, result.image.size).save(path)
             written.append(path)
     return written
+
+
+CONCEPT_COLOURS = ((230, 60, 60), (50, 130, 240), (40, 190, 90), (240, 170, 30), (170, 80, 220), (30, 200, 200))
+
+
+def overview(result, scale: int = 4) -> Image.Image:
+    """The image enlarged (nearest, so small models' pixels stay sharp) with each concept's region outlined in its
+    colour, then, per concept, the image with its attention map laid over it in that colour: why an image came out
+    as it did, at a glance."""
+    image = result.image.convert("RGB")
+    size = (image.width * scale, image.height * scale)
+    base = np.asarray(image.resize(size, Image.Resampling.NEAREST), np.float32)
+    outlined = base.copy()
+    panels = []
+    for k, name in enumerate(dict.fromkeys([*result.masks, *result.maps])):
+        colour = np.asarray(CONCEPT_COLOURS[k % len(CONCEPT_COLOURS)], np.float32)
+        if name in result.masks:
+            mask = np.asarray(tensor_to_png(result.masks[name], size), np.float32) > 127
+            inner = mask.copy()
+            for axis, shift in ((0, 1), (0, -1), (1, 1), (1, -1)):
+                inner &= np.roll(mask, shift, axis=axis)
+            outlined[mask & ~inner] = colour
+        if name in result.maps:
+            weight = np.asarray(tensor_to_png(result.maps[name], size), np.float32)[..., None] / 255.0 * 0.7
+            panels.append(base * (1 - weight) + colour * weight)
+    gap = np.full((size[1], 2 * scale, 3), 255, np.float32)
+    row = [outlined]
+    for panel in panels:
+        row += [gap, panel]
+    return Image.fromarray(np.concatenate(row, axis=1).clip(0, 255).astype(np.uint8))

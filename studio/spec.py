@@ -14,17 +14,18 @@ SPEC_VERSION = 1
 
 
 class Region(BaseModel):
-    """Where a concept goes: a box in relative coordinates (x0, y0, x1, y1), or a painted mask image
-    (path of a greyscale PNG; white = inside)."""
+    """Where a concept goes: a box in relative coordinates (x0, y0, x1, y1), a painted mask image (path of a
+    greyscale PNG; white = inside), or `auto` (the regional method places it where its trigger words attend)."""
     model_config = ConfigDict(extra="forbid")
 
     box: Optional[tuple[float, float, float, float]] = None
     mask: Optional[str] = None
+    auto: bool = False
 
     @model_validator(mode="after")
     def _one_of(self):
-        if (self.box is None) == (self.mask is None):
-            raise ValueError("a region needs exactly one of `box` or `mask`")
+        if (self.box is not None) + (self.mask is not None) + self.auto != 1:
+            raise ValueError("a region needs exactly one of `box`, `mask` or `auto: true`")
         if self.box is not None:
             x0, y0, x1, y1 = self.box
             if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):

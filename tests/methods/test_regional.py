@@ -102,3 +102,36 @@ def test_regional_lora_acts_inside_its_box_on_a_non_square_image(tiny_pipe, tiny
     inside, outside = change[:, :24].mean(), change[:, 32:].mean()
     assert inside > 3 * outside, (float(inside), float(outside))
 
+
+
+def test_auto_regions_place_each_concept_where_its_trigger_attends_then_compose_in_one_pass(tiny_pipe, tiny_loras):
+    from studio.compose import compose
+    from studio.lora.inject import lora_layers
+
+    entries = [LoraEntry(file=str(tiny_loras["alpha"]), trigger_words=["shape"], region=Region(auto=True),
+                         prompt="a large solid red shape on the left, white background"),
+               LoraEntry(file=str(tiny_loras["beta"]), trigger_words=["shape"], region=Region(auto=True),
+                         prompt="a large solid blue shape on the right, white background")]
+    composition = Composition(prompt="a large solid red shape on the left and a large solid blue shape on the right",
+                              steps=4, guidance=5.0, seed=0, method="regional", loras=entries,
+                              params={"auto_steps": 2})
+    result = compose(tiny_pipe, composition)
+    assert len(result.masks) == 2
+    first, second = result.masks.values()
+    assert not bool((first * second).any())  # each place goes to one concept only
+    assert not lora_layers(tiny_pipe)
+
+
+def test_an_auto_region_needs_its_trigger_in_the_prompt_and_a_box_method_refuses_it(tiny_pipe, tiny_loras):
+    import pytest
+
+    from studio.compose import compose
+    from studio.errors import PresetError
+
+    entry = LoraEntry(file=str(tiny_loras["alpha"]), trigger_words=["sks"], region=Region(auto=True))
+    with pytest.raises(PresetError, match="follows the concept's trigger words"):
+        compose(tiny_pipe, Composition(prompt="a red circle", steps=2, method="regional", loras=[entry]))
+    with pytest.raises(PresetError, match="use the regional method"):
+        compose(tiny_pipe, Composition(prompt="a red sks", steps=2, method="lora_composer", loras=[entry]))
+    with pytest.raises(ValueError, match="exactly one of"):
+        Region(auto=True, box=(0, 0, 1, 1))

@@ -22,7 +22,7 @@ def test_methods_lists_every_method_with_parameters_and_passes():
     result = runner.invoke(app, ["methods", "--json"])
     assert result.exit_code == 0
     methods = {m["name"]: m for m in json.loads(result.stdout)}
-    assert {"regional", "lora_composer", "clora", "merge", "switch", "composite", "b4m"} <= set(methods)
+    assert {"regional", "lora_composer", "clora", "merge", "switch", "composite", "b4m", "k_lora"} <= set(methods)
     assert methods["lora_composer"]["params"]["step_size"]["default"] == 20.0
     assert methods["clora"]["params"]["mask_threshold"]["default"] == 0.3
     assert methods["switch"]["params"]["switch_step"]["default"] == 5
@@ -49,6 +49,22 @@ def test_generate_writes_image_maps_and_masks_and_the_png_restores_the_preset(ti
     assert "Steps: 2" in image.text["parameters"] and "Lora hashes" in image.text["parameters"]
     restored = load_preset(written[0])
     assert restored.method == "lora_composer" and restored.seed == 5 and len(restored.loras) == 2
+
+
+def test_generate_overview_outlines_each_region_and_lays_each_map_over_the_image(tiny_folder, tiny_loras, tmp_path):
+    composition = Composition(
+        base_model=str(tiny_folder), prompt="a large solid red sks on the left and a blue ohwx on the right",
+        steps=2, seed=3, method="regional",
+        loras=[LoraEntry(file=str(tiny_loras["alpha"]), trigger_words=["sks"], region=Region(box=(0, 0, 0.5, 1))),
+               LoraEntry(file=str(tiny_loras["beta"]), trigger_words=["ohwx"], region=Region(box=(0.5, 0, 1, 1)))])
+    preset = tmp_path / "two.json"
+    save_preset(composition, preset)
+    result = runner.invoke(app, ["generate", str(preset), "--out", str(tmp_path / "out"), "--overview"])
+    assert result.exit_code == 0, result.output
+    overview = Image.open(next(p for p in result.stdout.split() if p.endswith("-overview.png"))).convert("RGB")
+    assert overview.size == (3 * 256 + 2 * 8, 256)  # the image and one panel per concept, 4× larger
+    first_column = [overview.getpixel((0, y)) for y in range(256)]
+    assert (230, 60, 60) in first_column  # the first concept's box, outlined in its colour
 
 
 def test_generate_refuses_a_bad_preset_in_one_sentence(tmp_path):
