@@ -5,15 +5,7 @@ from safetensors.torch import save_file
 from studio.errors import LoraError
 from studio.lora import inspect_lora, load_lora
 from studio.lora.inject import attach_lora, attached_adapters, detach_lora, lora_layers
-
-PROMPT = "a large red rngd circle in the centre, white background"
-
-
-def encode(pipe, prompt=PROMPT):
-    ids = pipe.tokenizer(pipe.maybe_convert_prompt(prompt, pipe.tokenizer), padding="max_length", max_length=77,
-                         return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipe.text_encoder(ids)[0]
+from tests.helpers import encode
 
 
 def lora_with_words(tiny_pipe, path, words: dict, width=None):

@@ -4,19 +4,8 @@ from attention.controller import CompositionController, CrossContext
 from attention.processors import StudioAttnProcessor
 from studio.compose import compose
 from studio.spec import Composition, LoraEntry, Region
-
-PROMPT = "a large solid red sks on the left, white background"
-
-
-def plain_latents(pipe, prompt, seed=0, steps=3, guidance=5.0, height=64, width=64):
-    generator = torch.Generator().manual_seed(seed)
-    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator, height=height,
-                width=width, output_type="latent").images
-
-
-def spec(method, loras=(), steps=3, **kw):
-    return Composition(prompt=kw.pop("prompt", PROMPT), steps=steps, guidance=5.0, seed=0, method=method,
-                       loras=list(loras), **kw)
+from tests.helpers import CONCEPT_PROMPT as PROMPT
+from tests.helpers import plain_latents, spec
 
 
 def test_full_mask_regional_equals_plain_single_lora(tiny_pipe, tiny_loras):

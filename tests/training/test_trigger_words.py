@@ -5,15 +5,7 @@ import torch
 
 from studio.errors import StudioError
 from studio.lora import load_lora
-
-PROMPT = "a large red rngd circle in the centre, white background"
-
-
-def encode(pipe, prompt=PROMPT):
-    ids = pipe.tokenizer(pipe.maybe_convert_prompt(prompt, pipe.tokenizer), padding="max_length", max_length=77,
-                         return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipe.text_encoder(ids)[0]
+from tests.helpers import encode
 
 
 def test_the_lora_trainer_learns_its_trigger_as_a_word_and_the_file_brings_it_back(tiny_pipe, tmp_path):

@@ -18,6 +18,17 @@ def tiny_folder(tiny_pipe, tmp_path_factory):
     return folder
 
 
+def two_concepts_preset(model_folder, loras, folder):
+    composition = Composition(
+        base_model=str(model_folder), prompt="a large solid red sks on the left and a blue ohwx on the right",
+        steps=2, seed=3, method="regional",
+        loras=[LoraEntry(file=str(loras["alpha"]), trigger_words=["sks"], region=Region(box=(0, 0, 0.5, 1))),
+               LoraEntry(file=str(loras["beta"]), trigger_words=["ohwx"], region=Region(box=(0.5, 0, 1, 1)))])
+    preset = folder / "two.json"
+    save_preset(composition, preset)
+    return preset
+
+
 def test_methods_lists_every_method_with_parameters_and_passes():
     result = runner.invoke(app, ["methods", "--json"])
     assert result.exit_code == 0
@@ -32,13 +43,7 @@ def test_methods_lists_every_method_with_parameters_and_passes():
 
 
 def test_generate_writes_image_maps_and_masks_and_the_png_restores_the_preset(tiny_folder, tiny_loras, tmp_path):
-    composition = Composition(
-        base_model=str(tiny_folder), prompt="a large solid red sks on the left and a blue ohwx on the right",
-        steps=2, seed=3, method="regional",
-        loras=[LoraEntry(file=str(tiny_loras["alpha"]), trigger_words=["sks"], region=Region(box=(0, 0, 0.5, 1))),
-               LoraEntry(file=str(tiny_loras["beta"]), trigger_words=["ohwx"], region=Region(box=(0.5, 0, 1, 1)))])
-    preset = tmp_path / "two.json"
-    save_preset(composition, preset)
+    preset = two_concepts_preset(tiny_folder, tiny_loras, tmp_path)
     result = runner.invoke(app, ["generate", str(preset), "--out", str(tmp_path / "out"), "--method", "lora_composer",
                                  "--seed", "5"])
     assert result.exit_code == 0, result.output
@@ -52,13 +57,7 @@ def test_generate_writes_image_maps_and_masks_and_the_png_restores_the_preset(ti
 
 
 def test_generate_overview_outlines_each_region_and_lays_each_map_over_the_image(tiny_folder, tiny_loras, tmp_path):
-    composition = Composition(
-        base_model=str(tiny_folder), prompt="a large solid red sks on the left and a blue ohwx on the right",
-        steps=2, seed=3, method="regional",
-        loras=[LoraEntry(file=str(tiny_loras["alpha"]), trigger_words=["sks"], region=Region(box=(0, 0, 0.5, 1))),
-               LoraEntry(file=str(tiny_loras["beta"]), trigger_words=["ohwx"], region=Region(box=(0.5, 0, 1, 1)))])
-    preset = tmp_path / "two.json"
-    save_preset(composition, preset)
+    preset = two_concepts_preset(tiny_folder, tiny_loras, tmp_path)
     result = runner.invoke(app, ["generate", str(preset), "--out", str(tmp_path / "out"), "--overview"])
     assert result.exit_code == 0, result.output
     overview = Image.open(next(p for p in result.stdout.split() if p.endswith("-overview.png"))).convert("RGB")
