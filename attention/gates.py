@@ -3,21 +3,9 @@ delta is masked by its region (space) or its batch rows (one pass per LoRA batch
 every method that routes LoRAs: regional, LoRA-Composer, CLoRA, composite."""
 from __future__ import annotations
 
-import contextlib
 import functools
-from typing import Iterator
 
 from attention.controller import CompositionController
-
-
-@contextlib.contextmanager
-def region_gates(pipe, controller: CompositionController) -> Iterator[list]:
-    """Every LoRA layer of `pipe` gated by `controller` inside the block; ungated on exit, whatever happens."""
-    layers = attach_gates(pipe, controller)
-    try:
-        yield layers
-    finally:
-        detach_gates(layers)
 
 
 def attach_gates(pipe, controller: CompositionController) -> list:

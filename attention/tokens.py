@@ -18,16 +18,8 @@ def word_token_ids(tokenizer, text: str) -> list[int]:
 def token_indices(tokenizer, prompt: str, words: list[str]) -> list[int]:
     """Positions in the encoded prompt (start token = 0) of every occurrence of each word; a word the BPE
     splits into several tokens yields all of them. Words not in the prompt yield nothing."""
-    ids = tokenizer(spelt_out(tokenizer, prompt), truncation=True, max_length=tokenizer.model_max_length).input_ids
-    positions: list[int] = []
-    for word in words:
-        pattern = word_token_ids(tokenizer, word)
-        if not pattern:
-            continue
-        for start in range(1, len(ids) - len(pattern) + 1):
-            if ids[start:start + len(pattern)] == pattern:
-                positions.extend(range(start, start + len(pattern)))
-    return sorted(set(positions))
+    return sorted({position for word in words for occurrence in word_occurrences(tokenizer, prompt, word)
+                   for position in occurrence})
 
 
 def content_token_indices(tokenizer, prompt: str) -> list[int]:

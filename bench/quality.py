@@ -141,7 +141,6 @@ LAYOUTS = ("large_box", "small_objects", "tall_boxes", "wide_boxes", "border_box
 def layout_case(seed: int) -> Case:
     """Two distinct concepts, in a layout unlike the slots the model learnt from: boxes much larger than the object,
     small objects, tall and wide boxes, boxes touching the border, non-square images."""
-    rng = random.Random(f"layouts-{seed}")
     kind = LAYOUTS[seed % len(LAYOUTS)]
     case = slot_case("layouts", seed, DISTINCT, 2)
     left, right = ("left", "right") if case.boxes[0][0] < case.boxes[1][0] else ("right", "left")
@@ -163,7 +162,6 @@ def layout_case(seed: int) -> Case:
     case.expected = [Expected(box, e.shape, e.colour, e.concept) for box, e in zip(case.boxes, case.expected)]
     case.width, case.height = {"wide_image": (96, 64), "tall_image": (64, 96)}.get(kind, (64, 64))
     case.meta = {"layout": kind}
-    rng.random()
     return case
 
 

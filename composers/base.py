@@ -78,6 +78,17 @@ def cfg_prediction(session: Session, latents: torch.Tensor, t, cond: Conditionin
     return classifier_free_guidance(uncond, text, session.guidance)
 
 
+def per_lora_conditionings(session: Session, names: list[str], shared_adapters: list[str] | None = None
+                           ) -> dict[str, Conditioning]:
+    """The prompt encoded for each LoRA's pass: with that LoRA's text-encoder part, or (`shared_adapters`, the
+    official pipelines' single encoding) once with those adapters' parts, shared by every pass."""
+    prompts, negatives = [session.prompt], [session.negative_prompt]
+    if shared_adapters is not None:
+        once = session.encode(prompts, negatives, text_adapters=shared_adapters)
+        return {name: once for name in names}
+    return {name: session.encode(prompts, negatives, text_adapters=[name]) for name in names}
+
+
 def row_selectors(n_passes: int, do_cfg: bool) -> list[torch.Tensor]:
     """For a batched call of n_passes passes ([uncond_0..uncond_{n-1}, cond_0..cond_{n-1}] with CFG), the
     0/1 row selector of each pass."""

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from composers.base import Composer, cfg_prediction, interleave_cfg, row_selectors
+from composers.base import Composer, cfg_prediction, interleave_cfg, per_lora_conditionings, row_selectors
 from attention.gates import attach_gates, detach_gates
 from studio.engine import Session, classifier_free_guidance, unet_pass
 
@@ -40,12 +40,8 @@ class CompositeComposer(Composer):
         self.names = list(session.adapters)
         if not self.names:
             return super().setup(session)
-        if self.params.text_encoding == "official":
-            once = session.encode([session.prompt], [session.negative_prompt], text_adapters=self.names)
-            self.conds = {n: once for n in self.names}
-        else:
-            self.conds = {n: session.encode([session.prompt], [session.negative_prompt], text_adapters=[n])
-                          for n in self.names}
+        official = self.params.text_encoding == "official"
+        self.conds = per_lora_conditionings(session, self.names, self.names if official else None)
         if self.params.batched:
             for name, selector in zip(self.names, row_selectors(len(self.names), session.do_cfg)):
                 session.controller.adapter_batch_rows[name] = selector

@@ -131,29 +131,25 @@ class LoraComposer(RegionalComposer):
                               "automatically use the regional method.")
         super().setup(session)
         session.controller.isolate_concepts = self.params.concept_isolation
-        self.token_positions = self._concept_tokens(session)
 
-    def _concept_tokens(self, session: Session) -> dict[str, list[int]]:
-        """Each concept's trigger tokens in its region prompt, else its class noun (`subjects`); never every word of
-        the prompt, which would pull the whole sentence's attention into the box."""
+    def concept_tokens(self, session: Session, index: int, name: str) -> list[int]:
+        """The tokens guidance steers: the concept's trigger words in its region prompt, else its class noun
+        (`subjects`); never every word of the prompt, which would pull the whole sentence's attention into the box."""
         from pathlib import Path
 
         from attention.tokens import token_indices
         from studio.errors import PresetError
 
-        positions = {}
-        for k, name in enumerate(session.controller.adapter_regions):
-            entry = session.adapters[name]
-            prompt = entry.prompt or session.prompt
-            found = token_indices(session.pipe.tokenizer, prompt, entry.trigger_words)
-            if not found and k < len(self.params.subjects):
-                found = token_indices(session.pipe.tokenizer, prompt, [self.params.subjects[k]])
-            if not found:
-                raise PresetError(f"LoRA-Composer needs each concept's trigger word, or its class noun in "
-                                  f"params.subjects, in its region prompt; {Path(entry.file).name} has trigger words "
-                                  f"{entry.trigger_words} and region prompt {prompt!r}.")
-            positions[name] = found
-        return positions
+        entry = session.adapters[name]
+        prompt = entry.prompt or session.prompt
+        found = token_indices(session.pipe.tokenizer, prompt, entry.trigger_words)
+        if not found and index < len(self.params.subjects):
+            found = token_indices(session.pipe.tokenizer, prompt, [self.params.subjects[index]])
+        if not found:
+            raise PresetError(f"LoRA-Composer needs each concept's trigger word, or its class noun in "
+                              f"params.subjects, in its region prompt; {Path(entry.file).name} has trigger words "
+                              f"{entry.trigger_words} and region prompt {prompt!r}.")
+        return found
 
     # --- helpers ---------------------------------------------------------------------------------------
     def _conditional_contexts(self, session: Session) -> list[CrossContext]:

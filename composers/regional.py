@@ -72,22 +72,31 @@ class RegionalComposer(Composer):
         self.auto_tokens = self._auto_tokens(session, auto)
         for name in auto:  # off until placed: gated to no row of the batch
             ctrl.adapter_batch_rows[name] = torch.zeros(2 if session.do_cfg else 1)
-        everywhere = [name for name, mask in regions.items() if mask is None and name not in auto]
-        self.cond = session.encode([session.prompt], [session.negative_prompt], text_adapters=everywhere)
-        ctrl.contexts = [CrossContext("global", self.cond.embeds, None, everywhere)]
-        for name, mask in ctrl.adapter_regions.items():
-            entry = session.adapters[name]
-            prompt = entry.prompt or session.prompt
-            negative = entry.negative_prompt if entry.negative_prompt is not None else session.negative_prompt
-            cond = session.encode([prompt], [negative], text_adapters=[name] + everywhere)
-            ctrl.contexts.append(CrossContext(name, cond.embeds, mask, [name] + everywhere))
-            tokenizer = session.pipe.tokenizer
-            self.token_positions[name] = (token_indices(tokenizer, prompt, entry.trigger_words)
-                                          or content_token_indices(tokenizer, prompt))
+        self._everywhere = [name for name, mask in regions.items() if mask is None and name not in auto]
+        self.cond = session.encode([session.prompt], [session.negative_prompt], text_adapters=self._everywhere)
+        ctrl.contexts = [CrossContext("global", self.cond.embeds, None, self._everywhere)]
+        for k, (name, mask) in enumerate(ctrl.adapter_regions.items()):
+            ctrl.contexts.append(self._region_context(session, name, mask))
+            self.token_positions[name] = self.concept_tokens(session, k, name)
         self._previous = install_processors(session.pipe.unet, ctrl)
         self._gates = attach_gates(session.pipe, ctrl)
         self.map_layers = set(composer_layers(session.pipe.unet))
-        self._everywhere = everywhere
+
+    def _region_context(self, session: Session, name: str, mask: torch.Tensor) -> CrossContext:
+        """A placed concept's cross-attention context: its region prompt encoded with its own text-encoder part and
+        those of the adapters acting everywhere."""
+        entry = session.adapters[name]
+        negative = entry.negative_prompt if entry.negative_prompt is not None else session.negative_prompt
+        adapters = [name] + self._everywhere
+        cond = session.encode([entry.prompt or session.prompt], [negative], text_adapters=adapters)
+        return CrossContext(name, cond.embeds, mask, adapters)
+
+    def concept_tokens(self, session: Session, index: int, name: str) -> list[int]:
+        """The tokens of placed concept `index` (named `name`) whose maps show it: its trigger words in its region
+        prompt, else every word of that prompt (here they only draw its map)."""
+        entry = session.adapters[name]
+        prompt, tokenizer = entry.prompt or session.prompt, session.pipe.tokenizer
+        return token_indices(tokenizer, prompt, entry.trigger_words) or content_token_indices(tokenizer, prompt)
 
     def _auto_tokens(self, session: Session, auto: list[str]) -> dict[str, list[int]]:
         """Each automatically placed concept's trigger words in the global prompt, every occurrence given to one
@@ -156,14 +165,8 @@ class RegionalComposer(Composer):
                 unclaimed = (winner == k) | (maps.amax(0) <= self.params.auto_threshold)
                 grid_mask = grown * unclaimed.float()
             mask = F.interpolate(grid_mask[None, None], size=(latent_h, latent_w), mode="nearest")[0, 0]
-            entry = session.adapters[name]
-            prompt = entry.prompt or session.prompt
-            negative = entry.negative_prompt if entry.negative_prompt is not None else session.negative_prompt
-            adapters = [name] + self._everywhere
-            cond = session.encode([prompt], [negative], text_adapters=adapters)
-            session.controller.place(name, mask, CrossContext(name, cond.embeds, mask, adapters))
-            self.token_positions[name] = (token_indices(session.pipe.tokenizer, prompt, entry.trigger_words)
-                                          or content_token_indices(session.pipe.tokenizer, prompt))
+            session.controller.place(name, mask, self._region_context(session, name, mask))
+            self.token_positions[name] = self.concept_tokens(session, len(session.controller.adapter_regions) - 1, name)
 
 
     def maps_and_masks(self, session):

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from composers.base import Composer, cfg_prediction
+from composers.base import Composer, cfg_prediction, per_lora_conditionings
 from studio.engine import Session
 
 
@@ -42,12 +42,8 @@ class SwitchComposer(Composer):
 
     def setup(self, session: Session) -> None:
         self.names = list(session.adapters)
-        if self.params.text_encoding == "official" and self.names:
-            once = session.encode([session.prompt], [session.negative_prompt], text_adapters=self.names[:1])
-            self.conds = {name: once for name in self.names}
-        else:
-            self.conds = {name: session.encode([session.prompt], [session.negative_prompt], text_adapters=[name])
-                          for name in self.names}
+        official = self.params.text_encoding == "official" and self.names
+        self.conds = per_lora_conditionings(session, self.names, self.names[:1] if official else None)
         self.cond = None if self.names else session.encode([session.prompt], [session.negative_prompt])
 
     def report(self) -> dict:
