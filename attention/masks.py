@@ -1,6 +1,8 @@
 """Regions rasterised to token grids: rows = height, cols = width, never assumed square."""
 from __future__ import annotations
 
+import base64
+import io
 import math
 
 import numpy as np
@@ -18,11 +20,29 @@ def box_mask(box, height: int, width: int) -> torch.Tensor:
     return mask
 
 
+DATA_URI_PREFIX = "data:image/png;base64,"
+
+
+def mask_data_uri(path_or_image) -> str:
+    """A mask image as a PNG data URI, so that a preset or a PNG's composition carries its painted masks."""
+    from PIL import Image
+
+    image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
+    buffer = io.BytesIO()
+    image.convert("L").save(buffer, format="PNG")
+    return DATA_URI_PREFIX + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 def image_mask(path_or_image, height: int, width: int) -> torch.Tensor:
     """Soft mask (height, width) in [0, 1] from a greyscale image (white = inside)."""
     from PIL import Image
 
-    image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
+    if isinstance(path_or_image, Image.Image):
+        image = path_or_image
+    elif isinstance(path_or_image, str) and path_or_image.startswith(DATA_URI_PREFIX):
+        image = Image.open(io.BytesIO(base64.b64decode(path_or_image[len(DATA_URI_PREFIX):])))
+    else:
+        image = Image.open(path_or_image)
     resized = image.convert("L").resize((width, height), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.asarray(resized, np.float32) / 255.0)
 

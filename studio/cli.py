@@ -36,55 +36,155 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to listen on."),
           port: int = typer.Option(7860, help="Port."),
           model: Optional[str] = typer.Option(None, help="Base model: folder, .safetensors file or hub id "
                                                          "(default: the bundled shapes-world model)."),
-          config: Optional[str] = typer.Option(None, help="For a single-file checkpoint offline: a local diffusers "
-                                                          "folder of the same architecture."),
+          config: Optional[str] = typer.Option(None, help="For a single-file checkpoint: a local diffusers folder of "
+                                                          "the same architecture, instead of the shipped "
+                                                          "configuration."),
           library: Optional[str] = typer.Option(None, help="LoRA library folder (default ~/.cache/lora-studio/loras "
                                                           "or $LORA_STUDIO_LORAS)."),
+          models: Optional[Path] = typer.Option(None, help="An A1111 or ComfyUI install: its LoRA folders join the "
+                                                           "library and --model may name one of its checkpoints."),
           open_browser: bool = typer.Option(False, "--open", help="Open a browser tab.")):
     """Start the web studio."""
     from studio import webapp
 
     try:
-        webapp.main(host=host, port=port, model=model, config=config, open_browser=open_browser, library=library)
+        webapp.main(host=host, port=port, model=model, config=config, open_browser=open_browser, library=library,
+                    models=models)
     except StudioError as exc:
         fail(str(exc))
 
 
+def parse_lora_option(text: str):
+    """FILE[:WEIGHT][@x0,y0,x1,y1] → (file, weight, box or None)."""
+    file, _, box_text = text.rpartition("@") if "@" in text else (text, "", "")
+    box = None
+    if box_text:
+        try:
+            box = tuple(float(v) for v in box_text.split(","))
+        except ValueError:
+            box = ()
+        if len(box) != 4:
+            raise StudioError(f"--lora {text}: the box after @ must be four numbers x0,y0,x1,y1 between 0 and 1.")
+    weight = 1.0
+    head, sep, tail = file.rpartition(":")
+    if sep and head:
+        try:
+            weight, file = float(tail), head
+        except ValueError:
+            pass
+    return file, weight, box
+
+
+def parse_size(text: str | None) -> dict:
+    if not text:
+        return {}
+    width, sep, height = text.lower().partition("x")
+    if not (sep and width.isdigit() and height.isdigit()):
+        raise StudioError(f"--size {text} is not like 512x768 (width x height in pixels).")
+    return {"width": int(width), "height": int(height)}
+
+
+def command_line_composition(library, preset: Path | None, prompt: str | None, loras: list[str], **overrides):
+    """The composition the generate command describes: a preset, or a prompt (A1111 syntax) with --lora options."""
+    from studio.spec import LoraEntry, Region
+
+    if preset is None and not prompt:
+        raise StudioError("Give a preset (a .json or a PNG made by the studio) or --prompt.")
+    if preset is not None and (prompt or loras):
+        raise StudioError("Give either a preset or --prompt/--lora, not both (use --method, --seeds, --size … to "
+                          "change a preset).")
+    if preset is not None:
+        return library.composition(preset, **overrides)
+    composition = library.composition(prompt, method=overrides.get("method"))
+    entries = list(composition.loras)
+    for text in loras:
+        file, weight, box = parse_lora_option(text)
+        path = library.find(file)
+        info = library.load(path).info
+        entries.append(LoraEntry(file=str(path), weight=weight, trigger_words=list(info.trigger_words),
+                                 region=Region(box=box) if box else None))
+    placed = any(entry.region is not None for entry in entries)
+    method = overrides.pop("method", None) or ("regional" if placed else composition.method)
+    return library.composition(composition.model_copy(update={"loras": entries}), method=method, **overrides)
+
+
 @app.command()
-def generate(preset: Path = typer.Argument(..., help="A preset (.json) or a PNG made by the studio."),
+def generate(preset: Optional[Path] = typer.Argument(None, help="A preset (.json) or a PNG made by the studio; or "
+                                                                "give --prompt instead."),
              out: Path = typer.Option(..., "--out", help="Output folder."),
-             method: Optional[str] = typer.Option(None, help="Override the preset's method."),
-             seed: Optional[int] = typer.Option(None, help="Override the preset's seed."),
-             model: Optional[str] = typer.Option(None, help="Override the preset's base model."),
-             config: Optional[str] = typer.Option(None, help="Local diffusers folder for a single-file checkpoint."),
+             prompt: Optional[str] = typer.Option(None, help="A prompt (A1111 syntax: <lora:name:weight> tags, BREAK "
+                                                             "between region prompts)."),
+             lora: list[str] = typer.Option([], "--lora", help="FILE[:WEIGHT][@x0,y0,x1,y1]: a LoRA (path or name in "
+                                                              "the library), its weight and its box; repeatable."),
+             negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt."),
+             method: Optional[str] = typer.Option(None, help="Composition method (see `studio methods`)."),
+             seed: Optional[int] = typer.Option(None, help="One seed."),
+             seeds: Optional[str] = typer.Option(None, help="Seeds, e.g. 1-8 or 1,5,9."),
+             size: Optional[str] = typer.Option(None, help="WIDTHxHEIGHT in pixels, e.g. 512x768."),
+             steps: Optional[int] = typer.Option(None), guidance: Optional[float] = typer.Option(None),
+             sampler: Optional[str] = typer.Option(None, help="A1111 sampler name, e.g. 'DPM++ 2M Karras'."),
+             regions: Optional[str] = typer.Option(None, help="Regional Prompter divide ratios for BREAK, e.g. 1,1 or "
+                                                              "1,2;1,1."),
+             save_preset: Optional[Path] = typer.Option(None, "--save-preset", help="Also save the composition as a "
+                                                                                     "preset here."),
+             model: Optional[str] = typer.Option(None, help="Base model (default: the preset's, else the bundled)."),
+             config: Optional[str] = typer.Option(None, help="For a single-file checkpoint: a local diffusers folder "
+                                                                  "instead of the shipped configuration."),
+             library: Optional[str] = typer.Option(None, help="LoRA library folder."),
+             models: Optional[Path] = typer.Option(None, help="An A1111 or ComfyUI install (or a folder of "
+                                                              "checkpoints): its LoRA folders join the library and "
+                                                              "--model may name one of its checkpoints."),
              device: Optional[str] = typer.Option(None), dtype: Optional[str] = typer.Option(None),
              with_overview: bool = typer.Option(False, "--overview", help="Also write …-overview.png: the image "
                                                 "enlarged with each concept's region outlined and its attention "
                                                 "map laid over it, in that concept's colour.")):
-    """Generate the image of a preset; writes the PNG (with its preset inside) and each concept's attention
-    map and mask beside it."""
-    from studio.outputs import overview, write_result
-    from studio.spec import load_preset
+    """Generate from a preset, or from a prompt and --lora options; writes each PNG (with its composition inside)
+    and each concept's attention map and mask beside it."""
+    from studio.api import LoraLibrary, Studio, model_folders, resolve_checkpoint
+    from studio.batch import parse_seeds
+    from studio.outputs import overview
+    from studio.spec import save_preset as write_preset
 
+    written = []
     try:
-        composition = load_preset(preset).with_overrides(method=method, seed=seed)
-        from studio.compose import compose
-        from studio.models import load_base_model
-
-        pipe = load_base_model(model or composition.base_model, device=device, dtype=dtype, config=config)
+        found = model_folders(models)
+        model = resolve_checkpoint(model, found)
+        lora_library = LoraLibrary(library, found.lora_folders if found else ())
+        overrides = dict(method=method, seed=seed, steps=steps, guidance=guidance, scheduler=sampler,
+                         negative_prompt=negative, **parse_size(size))
+        if regions and not prompt:
+            raise StudioError("--regions divides a --prompt with BREAK; a preset has its own regions.")
+        composition = command_line_composition(lora_library, preset, (prompt or "") and prompt, lora,
+                                               **({"regions": regions} if regions else {}),
+                                               **{k: v for k, v in overrides.items() if v is not None})
+        if save_preset:
+            write_preset(composition, save_preset)
+            written.append(save_preset)
+        seed_list = parse_seeds(seeds) if seeds else [composition.seed]
         from tqdm.auto import tqdm
 
-        with tqdm(total=composition.steps, desc=composition.method, leave=False) as bar:
-            result = compose(pipe, composition, callback=lambda info: bar.update(1))
-        written = write_result(result, composition, out, stem=preset.stem)
-        if with_overview:
-            path = written[0].with_name(f"{written[0].stem}-overview.png")
-            overview(result).save(path)
-            written.append(path)
+        studio = Studio(_load_pipe(model or composition.base_model, device, dtype, config),
+                        model or composition.base_model, library=lora_library)
+        stem = preset.stem if preset is not None else "image"
+        for one_seed in seed_list:
+            with tqdm(total=composition.steps, desc=f"{composition.method} seed {one_seed}", leave=False) as bar:
+                [result] = studio.generate(composition, seeds=[one_seed], callback=lambda info: bar.update(1))
+            paths_written = result.save(out, f"{stem}-{composition.method}-{one_seed}")
+            if with_overview:
+                path = paths_written[0].with_name(f"{paths_written[0].stem}-overview.png")
+                overview(result).save(path)
+                paths_written.append(path)
+            written += paths_written
     except StudioError as exc:
         fail(str(exc))
     for path in written:
         typer.echo(str(path))
+
+
+def _load_pipe(model, device, dtype, config):
+    from studio.models import load_base_model
+
+    return load_base_model(model, device=device, dtype=dtype, config=config)
 
 
 @app.command()
@@ -101,6 +201,30 @@ def inspect(lora_file: Path = typer.Argument(..., help="A LoRA file."),
         print(json.dumps(info.to_json(), indent=1))
     else:
         typer.echo(info.summary())
+
+
+@app.command("models")
+def list_models(root: Path = typer.Argument(..., help="An A1111 or ComfyUI install, its models folder, or any "
+                                                      "folder of checkpoints."),
+                as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """List the checkpoints and LoRA folders of an A1111 or ComfyUI install (headers only, no file is loaded)."""
+    from studio.api import model_folders
+
+    try:
+        found = model_folders(root)
+    except StudioError as exc:
+        fail(str(exc), as_json)
+    if as_json:
+        typer.echo(json.dumps({"kind": found.kind, "checkpoints": [str(p) for p in found.checkpoints],
+                               "lora_folders": [str(p) for p in found.lora_folders]}, indent=1))
+        return
+    typer.echo(f"{root} ({found.kind})")
+    typer.echo("checkpoints:" if found.checkpoints else "checkpoints: none")
+    for path in found.checkpoints:
+        typer.echo(f"  {path.stem}  {path}")
+    typer.echo("LoRA folders:" if found.lora_folders else "LoRA folders: none")
+    for path in found.lora_folders:
+        typer.echo(f"  {path}")
 
 
 @app.command()
@@ -123,24 +247,33 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
 
 
 @app.command()
-def batch(presets: list[Path] = typer.Argument(..., help="Presets (.json or PNGs made by the studio)."),
-          out: Path = typer.Option(..., "--out", help="Output folder (results and index.jsonl)."),
-          seeds: Optional[str] = typer.Option(None, help="e.g. 0-7 or 1,5,9 (default: each preset's seed)."),
-          method: Optional[str] = typer.Option(None, help="Override every preset's method."),
-          model: Optional[str] = typer.Option(None, help="Override every preset's base model.")):
-    """Generate presets × seeds on this machine; a failing job is reported and the others go on."""
-    from studio.batch import BatchJob, parse_seeds, run_batch
+def batch(manifests: list[Path] = typer.Argument(..., help="Manifests (.json or .csv), or presets (.json, or PNGs "
+                                                          "made by the studio)."),
+          out: Path = typer.Option(..., "--out", help="Output folder (results and index.json)."),
+          seeds: Optional[str] = typer.Option(None, help="Seeds for items that name none, e.g. 0-7 or 1,5,9."),
+          method: Optional[str] = typer.Option(None, help="Override every item's method."),
+          model: Optional[str] = typer.Option(None, help="Base model (default: the bundled model)."),
+          library: Optional[str] = typer.Option(None, help="LoRA library folder."),
+          models: Optional[Path] = typer.Option(None, help="An A1111 or ComfyUI install: its LoRA folders join the "
+                                                           "library and --model may name one of its checkpoints."),
+          engine: str = typer.Option("local", help="local (this process) or ray (a Ray cluster)."),
+          address: Optional[str] = typer.Option(None, help="Ray: the cluster's address (auto, or ray://host:10001); "
+                                                           "default: a local Ray instance."),
+          workers: Optional[int] = typer.Option(None, help="Ray: number of workers (default: one per GPU, else per "
+                                                           "CPU).")):
+    """Generate a manifest's items × seeds × overrides; re-running the same command skips what is done and resumes
+    what was interrupted; a failing item is recorded and the others go on."""
+    from studio.batch import load_manifests, run_batch
 
     try:
-        jobs = [BatchJob(p, s, method) for p in presets for s in parse_seeds(seeds)]
+        manifest = load_manifests(manifests, seeds=seeds, method=method)
+        report = run_batch(manifest, out, model=model, library=library, engine=engine, address=address,
+                           workers=workers, models=models)
     except StudioError as exc:
         fail(str(exc))
-    records = run_batch(jobs, out, model)
-    failed = [r for r in records if "error" in r]
-    for record in failed:
-        typer.secho(f"error: {Path(record['preset']).name} (seed {record['seed']}): {record['error']}", err=True)
-    typer.echo(f"{len(records) - len(failed)} of {len(records)} images written to {out} (index: {out / 'index.jsonl'})")
-    if failed:
+    typer.echo(report.table())
+    typer.echo(f"outputs and index: {out}")
+    if report.failed:
         raise typer.Exit(1)
 
 

@@ -44,8 +44,11 @@ def load_entries(composition: Composition) -> dict:
 
 def compose(pipe, composition: Composition, callback: Callable[[StepInfo], bool | None] | None = None,
             loaded: dict | None = None) -> ComposeResult:
+    from studio.samplers import sampler_name
+
     with prepared_session(pipe, composition, loaded) as (session, composer):
         result = sample(session, composer, callback)
+        result.info["sampler"] = sampler_name(pipe.scheduler)
     result.info.update(composer.report())
     result.info["loras"] = {name: {"file": str(weights.info.path), "short_hash": weights.info.short_hash,
                                    "sha256": weights.info.sha256} for name, weights in session.loras.items()}
@@ -57,7 +60,7 @@ def prepared_session(pipe, composition: Composition, loaded: dict | None = None
                      ) -> Iterator[tuple[Session, "Composer"]]:
     """A session with the composition's LoRAs attached and its method set up; on exit (normal, error or
     cancel) the method is torn down and the LoRAs detached, leaving the pipeline as it was."""
-    from studio.lora.inject import attach_lora, detach_lora
+    from studio.lora.inject import attach_lora, detach_lora, text_encoder_layers
 
     composer_cls = get_composer(composition.method)
     composer = composer_cls(_params(composer_cls, composition))
@@ -85,6 +88,10 @@ def prepared_session(pipe, composition: Composition, loaded: dict | None = None
         for name, (entry, weights) in loaded.items():
             attach_lora(pipe, weights, name, entry.weight)
             attached.append(name)
+            if entry.text_encoder_weight is not None:
+                for layer in text_encoder_layers(pipe).values():
+                    if name in layer.weights:
+                        layer.weights[name] = entry.text_encoder_weight
             session.adapters[name] = entry
             session.loras[name] = weights
         session.embedding_transform = _decor_transform(pipe, composition.decor, composition.decor_strength)

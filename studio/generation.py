@@ -33,24 +33,6 @@ def generate_plain(pipe, settings: GenerationSettings, callback=None) -> Image.I
     return result.images[0]
 
 
-def a1111_parameters(settings: GenerationSettings, width: int, height: int, model_name: str = "",
-                     model_hash: str = "", lora_hashes: dict[str, str] | None = None, sampler: str = "DDIM") -> str:
-    """The `parameters` text chunk that A1111, Civitai and others read."""
-    lines = [settings.prompt]
-    if settings.negative_prompt:
-        lines.append(f"Negative prompt: {settings.negative_prompt}")
-    fields = [f"Steps: {settings.steps}", f"Sampler: {sampler}", f"CFG scale: {settings.guidance:g}",
-              f"Seed: {settings.seed}", f"Size: {width}x{height}"]
-    if model_hash:
-        fields.append(f"Model hash: {model_hash}")
-    if model_name:
-        fields.append(f"Model: {model_name}")
-    if lora_hashes:
-        fields.append('Lora hashes: "' + ", ".join(f"{k}: {v}" for k, v in lora_hashes.items()) + '"')
-    lines.append(", ".join(fields))
-    return "\n".join(lines)
-
-
 def png_info(parameters: str, preset: dict | None = None) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)

@@ -57,9 +57,10 @@ def load_base_model(ref: str | os.PathLike | None = None, device: str | None = N
                     dtype: str | torch.dtype | None = None, config: str | os.PathLike | None = None):
     """Load a text-to-image pipeline.
 
-    `ref` is None (the bundled shapes-world model), a local diffusers folder, a single-file
-    `.safetensors` checkpoint (`config` may name a local diffusers folder of the same architecture, for
-    offline use), or a hub id (needs the network or a populated hub cache).
+    `ref` is None (the bundled shapes-world model), a local diffusers folder, a single-file SD1.x, SD2.x or
+    SDXL `.safetensors` checkpoint (loaded offline from the configurations the studio ships; `config` may
+    name a local diffusers folder of the same architecture to use instead), or a hub id (needs the network
+    or a populated hub cache).
     """
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -106,31 +107,11 @@ def _load_hub(repo_id: str, kwargs):
 
 
 def _load_single_file(path: Path, config, kwargs):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """A single-file checkpoint, offline: studio.checkpoints picks the shipped configuration of its family
+    (sized from its tensors) unless `config` names a local diffusers folder to use instead."""
+    from studio.checkpoints import load_single_file
 
-    if path.suffix.lower() not in (".safetensors",):
-        raise ModelNotAvailable(f"{path.name} is not a .safetensors checkpoint; pickled checkpoints (.ckpt, .pt, .bin) "
-                                "can run code when loaded and are refused.")
-    from studio.lora.header import read_header
-
-    try:
-        keys = list(read_header(path).tensors)
-    except StudioError as exc:
-        reason = str(exc).removeprefix(f"{path.name} ").removeprefix("is not a safetensors file: ").rstrip(".")
-        reason = "it " + reason if reason.startswith(("is ", "has ", "cannot ")) else reason
-        raise ModelNotAvailable(f"{path.name} is not a readable safetensors file: {reason}.") from None
-    is_xl = any(k.startswith("conditioner.embedders.1") for k in keys)
-    if not any(k.startswith("model.diffusion_model.") for k in keys):
-        raise ModelNotAvailable(f"{path.name} is not a Stable Diffusion checkpoint (no model.diffusion_model weights); "
-                                "is it a LoRA? Load LoRAs from the LoRA library instead.")
-    cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-    extra = {"config": str(config), "local_files_only": True} if config else {}
-    try:
-        return cls.from_single_file(str(path), **extra, **kwargs)
-    except Exception as exc:
-        raise ModelNotAvailable(
-            f"The checkpoint {path.name} could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
-            "offline, pass --config with a local diffusers folder of the same architecture.") from exc
+    return load_single_file(path, dtype=kwargs.get("dtype"), config=config)
 
 
 def model_family(pipe) -> str:

@@ -8,8 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from studio.generation import GenerationSettings, a1111_parameters, png_info
-from studio.spec import Composition
+from studio.files import png_bytes, write_bytes_atomic
 
 
 def tensor_to_png(values: torch.Tensor, size: tuple[int, int]) -> Image.Image:
@@ -18,24 +17,42 @@ def tensor_to_png(values: torch.Tensor, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(array, mode="L").resize(size, Image.Resampling.NEAREST)
 
 
-def write_result(result, composition: Composition, out_dir: Path, stem: str = "image") -> list[Path]:
+def write_result(result, out_dir: Path, stem: str, maps: bool = True) -> list[Path]:
+    """The image as `<stem>.png` (A1111 `parameters` + the portable composition) and, beside it, each concept's
+    attention map and mask; each file written atomically, the image last, so that a file present is whole and
+    an image present has its maps."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    settings = GenerationSettings(composition.prompt, composition.negative_prompt, composition.steps,
-                                  composition.guidance, composition.seed)
-    lora_hashes = {Path(lora["file"]).stem: lora["short_hash"] for lora in result.info.get("loras", {}).values()
-                   if lora.get("short_hash")}
-    parameters = a1111_parameters(settings, *result.image.size, model_name=composition.base_model or "shapes-world",
-                                  lora_hashes=lora_hashes or None)
-    image_path = out_dir / f"{stem}-{composition.method}-{composition.seed}.png"
-    result.image.save(image_path, pnginfo=png_info(parameters, composition.model_dump(mode="json")))
-    written = [image_path]
-    for kind, items in (("map", result.maps), ("mask", result.masks)):
-        for name, values in items.items():
-            path = out_dir / f"{image_path.stem}-{name}-{kind}.png"
-            tensor_to_png(values, result.image.size).save(path)
-            written.append(path)
-    return written
+    image_path = out_dir / f"{stem}.png"
+    written = []
+    if maps:
+        for kind, items in (("map", result.maps), ("mask", result.masks)):
+            for name, values in items.items():
+                path = out_dir / f"{stem}-{name}-{kind}.png"
+                write_bytes_atomic(path, png_bytes(tensor_to_png(values, result.image.size)))
+                written.append(path)
+    write_bytes_atomic(image_path, result.png_bytes())
+    return [image_path, *written]
+
+
+def a1111_infotext(result) -> str:
+    """The `parameters` text A1111 would write for this image: the prompt with a `<lora:name:weight>` tag per
+    LoRA (so that A1111's "send to txt2img" restores them), the sampler that ran, the model's name and hash, and
+    each LoRA's short hash."""
+    from studio.a1111 import A1111_SAMPLERS, GenerationParameters, lora_tag
+
+    composition = result.composition
+    tags = [lora_tag(Path(entry.file).stem, entry.weight if entry.text_encoder_weight is None
+                     else entry.text_encoder_weight, entry.weight) for entry in composition.loras]
+    prompt = " ".join([composition.prompt, *tags]) if tags else composition.prompt
+    sampler = composition.scheduler or result.info.get("sampler", "DDIM")
+    hashes = {Path(lora["file"]).stem: lora["short_hash"] for lora in result.info.get("loras", {}).values()
+              if lora.get("short_hash")}
+    return GenerationParameters(
+        prompt=prompt, negative_prompt=composition.negative_prompt, steps=composition.steps,
+        sampler=sampler, schedule_type=None if sampler in A1111_SAMPLERS else "Automatic",  # e.g. DDPM: not in A1111
+        cfg_scale=composition.guidance,
+        seed=composition.seed, width=result.image.width, height=result.image.height,
+        model_hash=result.model_hash or None, model=result.model_name or None, lora_hashes=hashes).infotext()
 
 
 CONCEPT_COLOURS = ((230, 60, 60), (50, 130, 240), (40, 190, 90), (240, 170, 30), (170, 80, 220), (30, 200, 200))

@@ -8,14 +8,14 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from studio.errors import PresetError
-from studio.samplers import SamplerName
+from studio.samplers import SamplerName, canonical_sampler
 
 SPEC_VERSION = 1
 
 
 class Region(BaseModel):
     """Where a concept goes: a box in relative coordinates (x0, y0, x1, y1), a painted mask image (path of a
-    greyscale PNG; white = inside), or `auto` (the regional method places it where its trigger words attend)."""
+    greyscale PNG, or the PNG itself as a `data:image/png;base64,` URI; white = inside), or `auto` (the regional method places it where its trigger words attend)."""
     model_config = ConfigDict(extra="forbid")
 
     box: Optional[tuple[float, float, float, float]] = None
@@ -39,6 +39,8 @@ class LoraEntry(BaseModel):
     file: str
     sha256: Optional[str] = Field(None, description="Full sha256 of the file, checked when loading.")
     weight: float = 1.0
+    text_encoder_weight: Optional[float] = Field(None, description="Weight in the text encoders when it differs "
+                                                                   "from `weight` (A1111's <lora:name:te:unet>).")
     role: Literal["concept", "style"] = "concept"
     trigger_words: list[str] = Field(default_factory=list)
     region: Optional[Region] = None
@@ -48,10 +50,10 @@ class LoraEntry(BaseModel):
                                                                "while this LoRA is used.")
     decor_strength: float = Field(1.0, ge=0.0, le=1.0)
 
-    @field_validator("weight")
+    @field_validator("weight", "text_encoder_weight")
     @classmethod
     def _weight(cls, value):
-        if not -4.0 <= value <= 4.0:
+        if value is not None and not -4.0 <= value <= 4.0:
             raise ValueError(f"weight {value} is outside [-4, 4]")
         return value
 
@@ -68,7 +70,8 @@ class Composition(BaseModel):
     steps: int = Field(20, ge=1, le=1000)
     guidance: float = Field(5.0, ge=0.0, le=50.0)
     scheduler: Optional[SamplerName] = Field(
-        None, description="Sampler for this run; None keeps the model's own (the bundled model's: DDIM).")
+        None, description="Sampler for this run, by its A1111 name (Euler, Euler a, DPM++ 2M, DPM++ 2M Karras, "
+                          "DPM++ SDE Karras, UniPC, DDIM, LCM); None keeps the model's own (the bundled model's: DDIM).")
     seed: int = 0
     loras: list[LoraEntry] = Field(default_factory=list)
     method: str = "regional"
@@ -77,6 +80,11 @@ class Composition(BaseModel):
                                                                "every prompt.")
     decor_strength: float = Field(1.0, ge=0.0, le=1.0)
 
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _a1111_sampler_name(cls, value):
+        return canonical_sampler(value)
+
     @field_validator("width", "height")
     @classmethod
     def _multiple_of_8(cls, value):
@@ -84,11 +92,26 @@ class Composition(BaseModel):
             raise ValueError(f"{value} is not a multiple of 8")
         return value
 
-    def with_overrides(self, method: str | None = None, seed: int | None = None) -> "Composition":
-        update = {k: v for k, v in (("method", method), ("seed", seed)) if v is not None}
-        if method is not None and method != self.method:
+    def with_overrides(self, **fields) -> "Composition":
+        """A copy with some fields changed (None leaves a field as it is), validated like a preset. Changing the
+        method drops the old method's parameters unless `params` is given too."""
+        update = {k: v for k, v in fields.items() if v is not None}
+        if not update:
+            return self
+        if "method" in update and update["method"] != self.method and "params" not in update:
             update["params"] = {}
-        return self.model_copy(update=update)
+        data = self.model_dump(mode="json")
+        data.update({k: v.model_dump(mode="json") if isinstance(v, BaseModel) else
+                     [x.model_dump(mode="json") if isinstance(x, BaseModel) else x for x in v] if isinstance(v, list)
+                     else v for k, v in update.items()})
+        return parse_composition(data, "the overrides")
+
+    def digest(self) -> str:
+        """sha256 of the composition as it will run (canonical JSON): equal compositions, equal digests."""
+        import hashlib
+
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def describe_validation_error(error: ValidationError, source: str) -> str:
@@ -136,11 +159,15 @@ def _resolve_paths(composition: Composition, base: Path) -> Composition:
         update = {}
         if not Path(entry.file).is_absolute() and (base / entry.file).exists():
             update["file"] = str((base / entry.file).resolve())
-        if entry.region and entry.region.mask and not Path(entry.region.mask).is_absolute():
+        mask = entry.region.mask if entry.region else None
+        if mask and not mask.startswith("data:") and not Path(mask).is_absolute():
             update["region"] = entry.region.model_copy(update={"mask": str((base / entry.region.mask).resolve())})
         loras.append(entry.model_copy(update=update))
     return composition.model_copy(update={"loras": loras})
 
 
 def save_preset(composition: Composition, path: Path) -> None:
-    Path(path).write_text(composition.model_dump_json(indent=2, exclude_none=True))
+    """Written atomically: a crash while saving leaves the previous version of the file intact."""
+    from studio.files import write_text_atomic
+
+    write_text_atomic(path, composition.model_dump_json(indent=2, exclude_none=True))

@@ -13,9 +13,7 @@ from PIL import Image, ImageDraw
 from composers import registry
 from studio import paths
 from studio.errors import Cancelled, StudioError
-from studio.generation import default_size
-from studio.models import load_base_model, model_family
-from studio.samplers import SCHEDULERS
+from studio.samplers import SAMPLERS
 from studio.spec import LoraEntry, Region, load_preset, parse_composition, save_preset
 
 N_SLOTS = 4
@@ -32,11 +30,16 @@ CSS = """
 class StudioState:
     """The loaded base model and the LoRA files on offer; one per server process."""
 
-    def __init__(self, model: str | None, config: str | None = None, library: str | None = None):
-        self.model_ref = model
-        self.pipe = load_base_model(model, config=config)
-        self.family = model_family(self.pipe)
-        self.size = default_size(self.pipe)
+    def __init__(self, model: str | None, config: str | None = None, library: str | None = None,
+                 models: str | None = None):
+        from studio.api import Studio, model_folders
+
+        self.models = model_folders(models)
+        self.studio = Studio.load(model, config=config, library=library, models=models)
+        self.model_ref = self.studio.model_ref
+        self.pipe = self.studio.pipe
+        self.family = self.studio.family
+        self.size = self.studio.size
         self.library = library
         self.outputs = Path(tempfile.mkdtemp(prefix="lora-studio-"))
         self.lock = threading.Lock()
@@ -44,10 +47,7 @@ class StudioState:
 
     def library_entries(self):
         """Every LoRA-like file on offer: the bundled examples (LoRAs and the B4M pair) and the library."""
-        from studio.lora import scan_library
-
-        for folder in (paths.EXAMPLE_LORAS, paths.EXAMPLE_B4M, self.library):  # None = the default library
-            yield from scan_library(folder)
+        yield from self.studio.library.entries()
 
     def lora_files(self) -> dict[str, str]:
         """Label -> path of every usable LoRA."""
@@ -138,7 +138,7 @@ def build_ui(state: StudioState) -> gr.Blocks:
                         steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
                         guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance")
                         seed = gr.Number(value=0, precision=0, label="Seed")
-                        sampler = gr.Dropdown([MODEL_DEFAULT, *SCHEDULERS], value=MODEL_DEFAULT,
+                        sampler = gr.Dropdown([MODEL_DEFAULT, *SAMPLERS], value=MODEL_DEFAULT,
                                               label="Sampler")
                     method_note = gr.Markdown(registry()["regional"].summary, elem_classes="small-note")
                     with gr.Accordion("Method parameters (JSON)", open=False):
@@ -181,6 +181,11 @@ def build_ui(state: StudioState) -> gr.Blocks:
             table = gr.Dataframe(headers=["name", "format", "base", "rank", "trigger words", "status"],
                                  value=state.library_rows(), interactive=False, wrap=True)
             gr.Button("Rescan").click(lambda: state.library_rows(), outputs=table)
+            if state.models is not None:
+                gr.Markdown(f"**Checkpoints** of the models folder ({state.models.kind}; start the studio with "
+                            "`--model NAME` to use one): " + (", ".join(f"`{p.stem}`" for p in
+                                                                      state.models.checkpoints) or "none"),
+                            elem_classes="small-note")
 
         with gr.Tab("Break-for-Make"):
             gr.Markdown("Assemble a B4M **content** adapter and a B4M **style** adapter trained from the same "
@@ -221,9 +226,6 @@ def build_ui(state: StudioState) -> gr.Blocks:
 
         def on_generate(prompt_text, negative_text, method_name, params_json, n_steps, cfg, seed_value, sampler_name,
                         *flat, progress=gr.Progress()):
-            from studio.compose import compose
-            from studio.outputs import write_result
-
             try:
                 composition = composition_from_ui(state, prompt_text, negative_text, method_name, params_json,
                                                   n_steps, cfg, seed_value, sampler_name, list(flat))
@@ -238,15 +240,15 @@ def build_ui(state: StudioState) -> gr.Blocks:
             with state.lock:
                 start = time.perf_counter()
                 try:
-                    result = compose(state.pipe, composition, callback=step_callback)
+                    result = state.studio.run(state.studio.library.resolve_files(composition), step_callback)
                 except Cancelled as exc:
                     return gr.update(), gr.update(), gr.update(), str(exc)
                 except StudioError as exc:
                     raise gr.Error(str(exc)) from None
                 elapsed = time.perf_counter() - start
-            written = write_result(result, composition, state.outputs, stem=f"{int(time.time() * 1000)}")
+            written = result.save(state.outputs, f"{int(time.time() * 1000)}-{composition.method}-{composition.seed}")
             preset_path = written[0].with_suffix(".json")
-            save_preset(composition, preset_path)
+            save_preset(result.composition, preset_path)
             gallery = [(str(p), p.stem.rsplit("-", 2)[-2] + " " + p.stem.rsplit("-", 1)[-1]) for p in written[1:]]
             note = (f"{result.image.size[0]}×{result.image.size[1]} in {elapsed:.2f} s · seed {composition.seed} · "
                     f"{result.info['unet_passes_per_step']:.2f} UNet passes per step")
@@ -302,8 +304,9 @@ def build_ui(state: StudioState) -> gr.Blocks:
 
 
 def main(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, config: str | None = None,
-         open_browser: bool = False, prevent_thread_lock: bool = False, library: str | None = None):
-    state = StudioState(model, config, library)
+         open_browser: bool = False, prevent_thread_lock: bool = False, library: str | None = None,
+         models: str | None = None):
+    state = StudioState(model, config, library, models)
     demo = build_ui(state)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, inbrowser=open_browser, css=CSS, theme=gr.themes.Soft(),

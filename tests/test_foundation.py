@@ -96,7 +96,7 @@ def test_single_file_checkpoint_loads_with_a_local_config(tiny_pipe, tmp_path):
             assert torch.equal(ours[key], theirs[key]), (name, key)
 
 
-def test_single_file_checkpoint_offline_without_config_is_one_sentence(tiny_pipe, tmp_path, monkeypatch):
+def test_a_single_file_checkpoint_that_no_shipped_configuration_fits_is_one_sentence(tiny_pipe, tmp_path, monkeypatch):
     from tests.ldm_export import export_single_file
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -47,7 +47,7 @@ def file_hashes(path: Path, data_start: int | None) -> FileHashes:
     cache = _load_cache()
     entry = cache.get(key)
     if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns \
-            and entry.get("data_start") == data_start:
+            and (entry.get("data_start") == data_start or data_start is None):  # the whole file's sha256 is known
         return FileHashes(entry["sha256"], entry["tensor_sha256"])
     hashes = _compute(path, data_start)
     _store(key, {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "data_start": data_start,

@@ -53,3 +53,30 @@ def inspect_entry(path: Path) -> LibraryEntry:
         return LibraryEntry(path, inspect_lora(path), None)
     except LoraError as exc:
         return LibraryEntry(path, None, str(exc))
+
+
+def find_lora_file(name: str, folders: list[Path], sha256: str | None = None) -> Path:
+    """A LoRA file by name in `folders` (searched recursively, in order), A1111's way: the file name, or its stem
+    without the suffix; an exact match before a case-insensitive one. With `sha256`, only a file with that hash
+    counts (a copied library under another path still finds it)."""
+    from studio.lora.hashes import file_hashes
+
+    wanted = name.lower()
+    exact, loose = [], []
+    for folder in folders:
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            continue
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in LORA_SUFFIXES):
+            if name in (path.name, path.stem):
+                exact.append(path)
+            elif wanted in (path.name.lower(), path.stem.lower()):
+                loose.append(path)
+    for path in exact + loose:
+        if sha256 is None or file_hashes(path, None).sha256 == sha256.lower():
+            return path
+    where = ", ".join(str(Path(f)) for f in folders)
+    if (exact or loose) and sha256:
+        raise LoraError(f"A LoRA named {name} is in the library but none has the sha256 {sha256[:12]}… the "
+                        "composition recorded; the file has changed.")
+    raise LoraError(f"No LoRA named {name} in the library folders ({where}).")

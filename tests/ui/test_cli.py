@@ -90,18 +90,21 @@ def test_region_validation_names_the_field():
         parse_composition({"prompt": "x", "loras": [{"file": "a", "region": {"box": [0.5, 0, 0.2, 1]}}]})
 
 
-def test_batch_generates_presets_times_seeds_and_reports_failures(tiny_folder, tiny_loras, tmp_path):
-    composition = Composition(base_model=str(tiny_folder), prompt="a large solid red sks on the left", steps=2,
-                              method="regional",
-                              loras=[LoraEntry(file=str(tiny_loras["alpha"]), trigger_words=["sks"],
-                                               region=Region(box=(0, 0, 0.5, 1)))])
-    good = tmp_path / "good.json"
-    save_preset(composition, good)
-    missing = tmp_path / "missing.json"
-    result = runner.invoke(app, ["batch", str(good), str(missing), "--seeds", "0-1", "--out", str(tmp_path / "out")])
-    assert result.exit_code == 1
-    records = [json.loads(line) for line in (tmp_path / "out" / "index.jsonl").read_text().splitlines()]
-    assert [(r["seed"], "error" in r) for r in records] == [(0, False), (1, False), (0, True), (1, True)]
-    assert all(Image.open(r["image"]).size == (64, 64) for r in records[:2])
-    assert "2 of 4 images written" in result.stdout and "missing.json" in result.output
-    assert runner.invoke(app, ["batch", str(good), "--seeds", "x", "--out", str(tmp_path)]).exit_code == 2
+def test_generate_without_a_preset_from_a_prompt_and_lora_options(tiny_folder, tiny_loras, tmp_path):
+    keep = tmp_path / "kept.json"
+    result = runner.invoke(app, ["generate", "--prompt", "a red sks on the left and a blue ohwx on the right",
+                                 "--lora", f"{tiny_loras['alpha']}:0.8@0,0,0.5,1",
+                                 "--lora", f"{tiny_loras['beta']}@0.5,0,1,1", "--seeds", "1-2", "--size", "64x48",
+                                 "--steps", "2", "--sampler", "DPM++ 2M Karras", "--model", str(tiny_folder),
+                                 "--out", str(tmp_path / "out"), "--save-preset", str(keep)])
+    assert result.exit_code == 0, result.output
+    images = [p for p in result.stdout.split() if p.endswith(("-1.png", "-2.png"))]
+    assert [p.rsplit("/", 1)[-1] for p in images] == ["image-regional-1.png", "image-regional-2.png"]
+    assert Image.open(images[0]).size == (64, 48)
+    assert "Sampler: DPM++ 2M, Schedule type: Karras" in Image.open(images[0]).text["parameters"]
+    kept = load_preset(keep)
+    assert kept.method == "regional" and kept.loras[0].weight == 0.8 and kept.loras[1].region.box == (0.5, 0, 1, 1)
+    assert kept.scheduler == "DPM++ 2M Karras" and (kept.width, kept.height) == (64, 48)
+    bad = runner.invoke(app, ["generate", "--prompt", "x", "--lora", "a.safetensors@1,2", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "four numbers" in bad.output
+    assert runner.invoke(app, ["generate", "--out", str(tmp_path)]).exit_code == 2
