@@ -166,6 +166,9 @@ def generate(preset: Optional[Path] = typer.Argument(None, help="A preset (.json
         studio = Studio(_load_pipe(model or composition.base_model, device, dtype, config),
                         model or composition.base_model, library=lora_library)
         stem = preset.stem if preset is not None else "image"
+        made = f"-{composition.method}-{composition.seed}"
+        if preset is not None and preset.suffix.lower() == ".png" and stem.endswith(made):
+            stem = stem[:-len(made)]  # a studio PNG made again keeps its name
         for one_seed in seed_list:
             with tqdm(total=composition.steps, desc=f"{composition.method} seed {one_seed}", leave=False) as bar:
                 [result] = studio.generate(composition, seeds=[one_seed], callback=lambda info: bar.update(1))

@@ -31,6 +31,12 @@ def scheduler_for(pipe, name: str | None):
     class_name, changes = ALL_SAMPLERS[canonical_sampler(name)]
     cls = getattr(diffusers, class_name)
     own = dict(pipe.scheduler.config)
+    if own.get("rescale_betas_zero_snr"):
+        # A1111's DDIM and UniPC settings (leading spacing; UniPC bh1 of order 3) assume SD1.x's schedule: on a
+        # zero-terminal-SNR model (the bundled one) UniPC's update divides by the final alpha of 0 and returns NaN,
+        # and leading spacing never reaches the pure-noise step. Such a model keeps its own spacing and UniPC its
+        # defaults; the Karras choice stays.
+        changes = {k: v for k, v in changes.items() if k == "use_karras_sigmas"}
     if type(pipe.scheduler) is cls and all(own.get(k) == v for k, v in changes.items()):
         return pipe.scheduler
     return cls.from_config(pipe.scheduler.config, **changes)

@@ -141,3 +141,16 @@ def test_every_methods_png_parses_back_field_by_field_with_a1111s_parser(tiny_pi
     assert fields["Model"] == "shapes-world" and fields["Model hash"] == studio.model_hash and len(studio.model_hash) == 10
     hashes = dict(pair.split(": ") for pair in fields["Lora hashes"].split(", "))
     assert hashes == {name: studio.lora(name).info.short_hash for name, _, _ in loras}
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ SDE Karras", "UniPC",
+                                     "DDIM", "LCM"])
+def test_every_a1111_sampler_runs_and_is_named_in_the_png(studio, sampler):
+    from studio.a1111 import A1111_SAMPLERS, infotext_sampler
+
+    [result] = studio.generate("a red sks <lora:alpha>", steps=3, sampler=sampler)
+    assert type(studio.pipe.scheduler).__name__ != A1111_SAMPLERS[sampler][0] or sampler == "DDIM"  # restored after
+    assert result.composition.scheduler == sampler and result.info["sampler"] == sampler
+    written, schedule = infotext_sampler(sampler)
+    assert f"Sampler: {written}, Schedule type: {schedule}," in result.parameters()
+    assert result.image.getextrema() != ((0, 0), (0, 0), (0, 0))
