@@ -82,3 +82,11 @@ def tiny_loras(tiny_pipe, tmp_path_factory):
     return {name: write_random_lora(folder / f"{name}.safetensors", tiny_pipe, "shapes_world_v1", seed=seed,
                                     trigger=trigger)
             for name, seed, trigger in (("alpha", 1, "sks"), ("beta", 2, "ohwx"), ("gamma", 3, None))}
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tiny_pipe, tmp_path_factory):
+    """The tiny pipeline saved as a diffusers folder, for what loads a model by path (CLI, batches, Ray workers)."""
+    folder = tmp_path_factory.mktemp("model")
+    tiny_pipe.save_pretrained(folder)
+    return folder

@@ -18,13 +18,6 @@ from studio.spec import Composition, LoraEntry, Region, save_preset
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tiny_pipe, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    tiny_pipe.save_pretrained(folder)
-    return folder
-
-
 def write_presets(folder, loras, steps=2):
     """Two presets with the same file name in two folders (their outputs must not overwrite each other)."""
     paths = []

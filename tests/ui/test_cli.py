@@ -11,13 +11,6 @@ from studio.spec import Composition, LoraEntry, Region, load_preset, save_preset
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tiny_pipe, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    tiny_pipe.save_pretrained(folder)
-    return folder
-
-
 def two_concepts_preset(model_folder, loras, folder):
     composition = Composition(
         base_model=str(model_folder), prompt="a large solid red sks on the left and a blue ohwx on the right",
