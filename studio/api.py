@@ -54,16 +54,8 @@ class Result:
     def portable_composition(self) -> dict:
         """The composition as the PNG stores it: LoRAs by file name and sha256 (found again through the library
         on another machine), painted masks embedded."""
-        from attention.masks import mask_data_uri
-
-        loras = []
-        for entry, loaded in zip(self.composition.loras, self.info.get("loras", {}).values()):
-            update = {"file": Path(entry.file).name, "sha256": loaded["sha256"]}
-            mask = entry.region.mask if entry.region is not None else None
-            if mask and not mask.startswith("data:"):
-                update["region"] = entry.region.model_copy(update={"mask": mask_data_uri(mask)})
-            loras.append(entry.model_copy(update=update))
-        return self.composition.model_copy(update={"loras": loras}).model_dump(mode="json", exclude_none=True)
+        sha256s = [loaded["sha256"] for loaded in self.info.get("loras", {}).values()]
+        return self.composition.portable(sha256s).model_dump(mode="json", exclude_none=True)
 
     def parameters(self) -> str:
         """The A1111 `parameters` text of this image."""
@@ -224,10 +216,10 @@ class LoraLibrary:
             loras = [self._entry_for_tag(tag, role="concept") for tag in tags]
             return Composition(prompt=text, loras=loras, method=method or "merge")
         layout = split_regions(prompt, ratios=regions)
-        loras = []
-        if layout.common:  # the common part is in every region's prompt: its LoRAs are styles over the whole image
-            loras += [self._entry_for_tag(tag, role="style") for tag in parse_lora_tags(layout.common)[1]]
-        common_tags = {tag.name for tag in parse_lora_tags(layout.common or "")[1]}
+        # the common part is in every region's prompt: its LoRAs are styles over the whole image
+        common = parse_lora_tags(layout.common or "")[1]
+        loras = [self._entry_for_tag(tag, role="style") for tag in common]
+        common_tags = {tag.name for tag in common}
         region_texts = []
         for region in layout.regions:
             text, tags = parse_lora_tags(region.prompt)
@@ -299,10 +291,6 @@ class Studio:
         return cls(pipe, None if model is None else str(model), library, lora_cache_bytes,
                    [*lora_folders, *(found.lora_folders if found else [])])
 
-    @property
-    def lora_folders(self) -> list[Path]:
-        return self.library.folders
-
     def lora(self, name_or_path: str | os.PathLike):
         """The LoRA's weights (LoraWeights), read once and kept in memory across calls."""
         return self.library.load(name_or_path)
@@ -355,17 +343,11 @@ class Studio:
 
     def run(self, composition: Composition, callback: Callable | None = None) -> Result:
         """One composition, as given (files already resolved), one image."""
-        from studio.compose import adapter_name, compose
+        from studio.compose import compose, load_entries
 
         with self._lock:
             start = time.perf_counter()
-            loaded = {}
-            for i, entry in enumerate(composition.loras):
-                weights = self.library.load(entry.file)
-                if entry.sha256 and weights.info.sha256 != entry.sha256.lower():
-                    raise LoraError(f"{Path(entry.file).name} does not match the sha256 the composition recorded; "
-                                    "the file has changed.")
-                loaded[adapter_name(i, entry.file)] = (entry, weights)
+            loaded = load_entries(composition, self.library.load)
             loras_done = time.perf_counter()
             composition = composition.model_copy(update={"base_model": self.model_ref})  # what it ran on
             outcome = compose(self.pipe, composition, callback=callback, loaded=loaded)

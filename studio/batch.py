@@ -158,12 +158,7 @@ def expand_manifest(manifest: Manifest, base: Path, library) -> list[BatchItem]:
 def composition_key(composition: Composition) -> str:
     """The hash of a composition as it runs, LoRAs by content (sha256) rather than by path, so that the key is
     the same on every machine and survives moving the library."""
-    from studio.lora.hashes import file_hashes
-
-    loras = [entry.model_copy(update={"file": Path(entry.file).name,
-                                      "sha256": entry.sha256 or file_hashes(Path(entry.file), None).sha256})
-             for entry in composition.loras]
-    return composition.model_copy(update={"loras": loras}).digest()[:20]
+    return composition.portable().digest()[:20]
 
 
 @dataclass
@@ -205,27 +200,6 @@ class BatchIndex:
         return record
 
 
-def write_files(out_dir: Path, files: dict[str, bytes]) -> None:
-    """Write a result's files atomically; the image (the first) last, so an image present has its maps."""
-    from studio.files import write_bytes_atomic
-
-    names = list(files)
-    for name in names[1:] + names[:1]:
-        write_bytes_atomic(Path(out_dir) / name, files[name])
-
-
-def result_files(result, stem: str) -> dict[str, bytes]:
-    """A result's files by name, image first: the same bytes whichever engine made them."""
-    from studio.files import png_bytes
-    from studio.outputs import tensor_to_png
-
-    files = {f"{stem}.png": result.png_bytes()}
-    for kind, items in (("map", result.maps), ("mask", result.masks)):
-        for name, values in items.items():
-            files[f"{stem}-{name}-{kind}.png"] = png_bytes(tensor_to_png(values, result.image.size))
-    return files
-
-
 def run_items(items: list[BatchItem], out_dir: Path, execute: Callable[[list[BatchItem]], Iterable[tuple]],
               progress: bool = True) -> BatchReport:
     """Run the items not yet done through `execute` (an engine: yields (item, files, seconds) or (item, error)),
@@ -233,6 +207,7 @@ def run_items(items: list[BatchItem], out_dir: Path, execute: Callable[[list[Bat
     from tqdm.auto import tqdm
 
     from studio.files import remove_partial_files
+    from studio.outputs import write_files
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -269,6 +244,7 @@ def local_engine(studio_for: Callable[[str | None], Any]) -> Callable[[list[Batc
     """Run items one after another in this process, each on the Studio of its base model (`studio_for(ref)`); any
     failure of one item (out of memory included) is reported for that item and the batch goes on."""
     from studio.api import studio_error_sentence
+    from studio.outputs import result_files
 
     def execute(items: list[BatchItem]):
         for item in items:

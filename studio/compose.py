@@ -19,6 +19,7 @@ from studio.spec import Composition
 
 if TYPE_CHECKING:
     from composers.base import Composer
+    from studio.lora import LoraWeights
 
 
 def adapter_name(index: int, file: str) -> str:
@@ -26,20 +27,26 @@ def adapter_name(index: int, file: str) -> str:
     return f"l{index}_{stem}"
 
 
-def load_entries(composition: Composition) -> dict:
-    """LoraWeights for each entry, its sha256 checked when the preset names one."""
-    from studio.lora import load_lora
-
+def load_entries(composition: Composition, load: Callable[[str], "LoraWeights"] | None = None) -> dict:
+    """Adapter name -> (entry, LoraWeights) for each entry, its sha256 checked when the composition records one.
+    `load` reads an entry's file (default: from disk; the Studio passes its cache)."""
     loaded = {}
     for i, entry in enumerate(composition.loras):
-        path = Path(entry.file).expanduser()
-        if not path.exists():
-            raise LoraError(f"The LoRA file {entry.file} named in the preset does not exist.")
-        weights = load_lora(path)
+        weights = (load or _read_lora_file)(entry.file)
         if entry.sha256 and weights.info.sha256 != entry.sha256.lower():
-            raise LoraError(f"{path.name} does not match the sha256 the preset recorded; the file has changed.")
+            raise LoraError(f"{Path(entry.file).name} does not match the sha256 the composition recorded; the "
+                            "file has changed.")
         loaded[adapter_name(i, entry.file)] = (entry, weights)
     return loaded
+
+
+def _read_lora_file(file: str):
+    from studio.lora import load_lora
+
+    path = Path(file).expanduser()
+    if not path.exists():
+        raise LoraError(f"The LoRA file {file} named in the composition does not exist.")
+    return load_lora(path)
 
 
 def compose(pipe, composition: Composition, callback: Callable[[StepInfo], bool | None] | None = None,

@@ -35,7 +35,7 @@ class StudioWorker:
     def run(self, composition_json: dict, stem: str, lora_files: dict) -> tuple:
         """(files, seconds) or (error sentence,). `lora_files`: sha256 -> (file name, object ref in a list)."""
         from studio.api import studio_error_sentence
-        from studio.batch import result_files
+        from studio.outputs import result_files
         from studio.spec import parse_composition
 
         marker = os.environ.get(FAIL_ONCE_ENV)
@@ -67,19 +67,10 @@ class StudioWorker:
 def shipped_composition(composition) -> tuple[dict, dict[str, tuple[str, Path]]]:
     """The composition as workers receive it (LoRAs by file name + sha256, painted masks embedded) and the
     files it needs, sha256 -> (name, path on this machine)."""
-    from attention.masks import mask_data_uri
-    from studio.lora.hashes import file_hashes
-
-    needed, loras = {}, []
-    for entry in composition.loras:
-        path = Path(entry.file)
-        sha256 = entry.sha256 or file_hashes(path, None).sha256
-        needed[sha256] = (path.name, path)
-        update = {"sha256": sha256}
-        if entry.region is not None and entry.region.mask and not entry.region.mask.startswith("data:"):
-            update["region"] = entry.region.model_copy(update={"mask": mask_data_uri(entry.region.mask)})
-        loras.append(entry.model_copy(update=update))
-    return composition.model_copy(update={"loras": loras}).model_dump(mode="json"), needed
+    portable = composition.portable()
+    needed = {shipped.sha256: (shipped.file, Path(entry.file)) for entry, shipped in zip(composition.loras,
+                                                                                       portable.loras)}
+    return portable.model_dump(mode="json"), needed
 
 
 @contextlib.contextmanager

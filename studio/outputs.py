@@ -17,21 +17,29 @@ def tensor_to_png(values: torch.Tensor, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(array, mode="L").resize(size, Image.Resampling.NEAREST)
 
 
-def write_result(result, out_dir: Path, stem: str, maps: bool = True) -> list[Path]:
-    """The image as `<stem>.png` (A1111 `parameters` + the portable composition) and, beside it, each concept's
-    attention map and mask; each file written atomically, the image last, so that a file present is whole and
-    an image present has its maps."""
-    out_dir = Path(out_dir)
-    image_path = out_dir / f"{stem}.png"
-    written = []
+def result_files(result, stem: str, maps: bool = True) -> dict[str, bytes]:
+    """A result's files by name, the image first (A1111 `parameters` + the portable composition), then each
+    concept's attention map and mask: the same bytes whichever engine made them."""
+    files = {f"{stem}.png": result.png_bytes()}
     if maps:
         for kind, items in (("map", result.maps), ("mask", result.masks)):
             for name, values in items.items():
-                path = out_dir / f"{stem}-{name}-{kind}.png"
-                write_bytes_atomic(path, png_bytes(tensor_to_png(values, result.image.size)))
-                written.append(path)
-    write_bytes_atomic(image_path, result.png_bytes())
-    return [image_path, *written]
+                files[f"{stem}-{name}-{kind}.png"] = png_bytes(tensor_to_png(values, result.image.size))
+    return files
+
+
+def write_files(out_dir: Path, files: dict[str, bytes]) -> list[Path]:
+    """Write a result's files atomically, the image (the first) last, so that a file present is whole and an
+    image present has its maps; returns the paths, the image first."""
+    names = list(files)
+    for name in names[1:] + names[:1]:
+        write_bytes_atomic(Path(out_dir) / name, files[name])
+    return [Path(out_dir) / name for name in names]
+
+
+def write_result(result, out_dir: Path, stem: str, maps: bool = True) -> list[Path]:
+    """The image as `<stem>.png` and, beside it, each concept's attention map and mask."""
+    return write_files(out_dir, result_files(result, stem, maps))
 
 
 def a1111_infotext(result) -> str:

@@ -106,6 +106,22 @@ class Composition(BaseModel):
                      else v for k, v in update.items()})
         return parse_composition(data, "the overrides")
 
+    def portable(self, sha256s: list[str] | None = None) -> "Composition":
+        """The composition as it travels (in a PNG, to a Ray worker, into a batch key): LoRAs by file name and
+        sha256 (`sha256s`, else as recorded, else computed from the file), painted masks embedded as data URIs."""
+        from attention.masks import mask_data_uri
+        from studio.lora.hashes import file_hashes
+
+        loras = []
+        for i, entry in enumerate(self.loras):
+            sha256 = sha256s[i] if sha256s else entry.sha256 or file_hashes(Path(entry.file), None).sha256
+            update = {"file": Path(entry.file).name, "sha256": sha256}
+            mask = entry.region.mask if entry.region is not None else None
+            if mask and not mask.startswith("data:"):
+                update["region"] = entry.region.model_copy(update={"mask": mask_data_uri(mask)})
+            loras.append(entry.model_copy(update=update))
+        return self.model_copy(update={"loras": loras})
+
     def digest(self) -> str:
         """sha256 of the composition as it will run (canonical JSON): equal compositions, equal digests."""
         import hashlib
