@@ -85,6 +85,15 @@ def test_break_places_each_region_prompts_loras_as_regional_prompter_divides_the
     assert "sks" in left.prompt and "ohwx" in right.prompt and "<lora" not in left.prompt
 
 
+def test_a_lora_is_found_by_its_ss_output_name_as_a1111_finds_it(studio, library):
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(library / "beta.safetensors"), library / "beta_v3_final.safetensors",
+              metadata={"ss_output_name": "hero"})
+    [entry] = studio.composition("a ohwx <lora:hero:0.6>").loras
+    assert entry.file == str(library / "beta_v3_final.safetensors") and entry.weight == 0.6
+
+
 def test_a_missing_lora_name_is_one_sentence(studio):
     with pytest.raises(LoraError, match=r"No LoRA named nothere"):
         studio.composition("a <lora:nothere:1>")

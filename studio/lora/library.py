@@ -75,6 +75,13 @@ def find_lora_file(name: str, folders: list[Path], sha256: str | None = None) ->
     for path in exact + loose:
         if sha256 is None or file_hashes(path, None).sha256 == sha256.lower():
             return path
+    if not exact and not loose and sha256 is None:  # A1111 also finds a LoRA by its `ss_output_name`
+        from studio.a1111 import resolve_lora_name
+
+        try:
+            return resolve_lora_name(name, folders)
+        except LoraError:
+            pass
     where = ", ".join(str(Path(f)) for f in folders)
     if (exact or loose) and sha256:
         raise LoraError(f"A LoRA named {name} is in the library but none has the sha256 {sha256[:12]}… the "
