@@ -33,16 +33,27 @@ def mask_data_uri(path_or_image) -> str:
     return DATA_URI_PREFIX + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+MAX_MASK_PIXELS = 4096 * 4096
+
+
+def open_mask_image(path_or_uri: str):
+    """The mask image of a path or a `data:image/png;base64,` URI, opened lazily (pixels not decoded yet)."""
+    from PIL import Image
+
+    if path_or_uri.startswith("data:"):
+        if not path_or_uri.startswith(DATA_URI_PREFIX):
+            raise ValueError("a mask's data URI must be a base64 PNG")
+        return Image.open(io.BytesIO(base64.b64decode(path_or_uri[len(DATA_URI_PREFIX):], validate=True)))
+    return Image.open(path_or_uri)
+
+
 def image_mask(path_or_image, height: int, width: int) -> torch.Tensor:
     """Soft mask (height, width) in [0, 1] from a greyscale image (white = inside)."""
     from PIL import Image
 
-    if isinstance(path_or_image, Image.Image):
-        image = path_or_image
-    elif isinstance(path_or_image, str) and path_or_image.startswith(DATA_URI_PREFIX):
-        image = Image.open(io.BytesIO(base64.b64decode(path_or_image[len(DATA_URI_PREFIX):])))
-    else:
-        image = Image.open(path_or_image)
+    image = path_or_image if isinstance(path_or_image, Image.Image) else open_mask_image(path_or_image)
+    if image.size[0] * image.size[1] > MAX_MASK_PIXELS:
+        raise ValueError(f"a mask of {image.size[0]}×{image.size[1]} pixels is too large")
     resized = image.convert("L").resize((width, height), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.asarray(resized, np.float32) / 255.0)
 

@@ -23,6 +23,7 @@ from PIL import Image
 
 from studio import paths
 from studio.errors import LoraError, PresetError, StudioError
+from studio.limits import Limits
 from studio.spec import Composition, LoraEntry, Region, load_preset, parse_composition
 
 DEFAULT_LORA_CACHE_BYTES = 2 << 30
@@ -133,11 +134,12 @@ class LoraLibrary:
     paths on this machine. Needs no model, so a batch driver can expand a manifest without loading one."""
 
     def __init__(self, library: str | os.PathLike | None = None, extra_folders: Iterable = (),
-                 cache_bytes: int = DEFAULT_LORA_CACHE_BYTES):
+                 cache_bytes: int = DEFAULT_LORA_CACHE_BYTES, confined: bool = False):
         self.library = library
         self.extra_folders = [Path(f) for f in extra_folders]
         self.cache = LoraCache(cache_bytes)
         self.named: dict[str, Path] = {}
+        self.confined = confined  # True (the web studio): only files inside `folders` are ever opened
 
     @property
     def folders(self) -> list[Path]:
@@ -148,16 +150,47 @@ class LoraLibrary:
 
     def find(self, name: str, sha256: str | None = None) -> Path:
         """A LoRA by path, by a name given to `add`, or by file name (with or without suffix) in the library
-        folders, A1111's way; with `sha256`, the file found must have it."""
+        folders, A1111's way; with `sha256`, the file found must have it. A confined library takes paths only
+        inside its folders and looks anything else up by file name in them."""
         from studio.lora.hashes import file_hashes
         from studio.lora.library import find_lora_file
 
         if name in self.named:
             return self.named[name]
         candidate = Path(name).expanduser()
+        if self.confined and (candidate.is_absolute() or len(candidate.parts) > 1):
+            inside = self.inside(candidate)
+            if inside is not None and inside.is_file():
+                candidate = inside
+            else:
+                try:
+                    return find_lora_file(candidate.name, self.folders, sha256)
+                except LoraError:
+                    raise LoraError(self.outside_sentence(f"The LoRA {name}")) from None
+        elif self.confined:
+            return find_lora_file(candidate.name, self.folders, sha256)
         if candidate.is_file() and (sha256 is None or file_hashes(candidate, None).sha256 == sha256.lower()):
             return candidate
         return find_lora_file(candidate.name, self.folders, sha256)
+
+    def inside(self, path: str | os.PathLike) -> Path | None:
+        """`path` (absolute, or relative to a folder) when it lies inside one of the folders, else None. Decided
+        on the normalised text first, so that nothing outside is ever touched, then again with links resolved."""
+        path = Path(path).expanduser()
+        for folder in self.folders:
+            root = os.path.abspath(folder)
+            joined = os.path.normpath(os.path.join(root, path))  # an absolute `path` replaces root here
+            if os.path.commonpath([root, joined]) != root:
+                continue
+            real_root, real = os.path.realpath(root), os.path.realpath(joined)
+            if os.path.commonpath([real_root, real]) == real_root:
+                return Path(joined)
+        return None
+
+    def outside_sentence(self, what: str) -> str:
+        folders = ", ".join(str(f) for f in self.folders)
+        return (f"{what} is outside the studio's LoRA folders and no file of that name is in them; this studio "
+                f"only opens files in its folders ({folders}); upload the file to add it.")
 
     def load(self, name_or_path: str | os.PathLike):
         return self.cache.get(self.find(str(name_or_path)))
@@ -238,11 +271,14 @@ class LoraLibrary:
 
     def resolve_files(self, composition: Composition) -> Composition:
         """Each LoRA entry's file as a path on this machine: as given, else found by file name (and sha256) in the
-        library folders, so that a PNG made on another machine opens here."""
+        library folders, so that a PNG made on another machine opens here. A confined library refuses files and
+        painted masks outside its folders."""
         loras = []
         for entry in composition.loras:
             path = Path(entry.file).expanduser()
-            if not path.is_file():
+            if self.confined:
+                path = self.find(entry.file, entry.sha256)
+            elif not path.is_file():
                 try:
                     path = self.find(path.name, entry.sha256)
                 except LoraError:
@@ -250,7 +286,15 @@ class LoraLibrary:
                     known = f" (sha256 {entry.sha256[:12]}…)" if entry.sha256 else ""
                     raise LoraError(f"The LoRA {path.name}{known} named in the composition is not in {path.parent} "
                                     f"nor in the library folders ({folders}).") from None
-            loras.append(entry.model_copy(update={"file": str(path)}))
+            update: dict[str, Any] = {"file": str(path)}
+            mask = entry.region.mask if entry.region is not None else None
+            if self.confined and mask and not mask.startswith("data:"):
+                inside = self.inside(mask)
+                if inside is None:
+                    raise PresetError(f"The mask of {path.name} is a file outside the studio's folders; here masks "
+                                      "are embedded in the composition (a PNG made by the studio embeds them).")
+                update["region"] = entry.region.model_copy(update={"mask": str(inside)})
+            loras.append(entry.model_copy(update=update))
         return composition.model_copy(update={"loras": loras})
 
 
@@ -259,7 +303,8 @@ class Studio:
     serialises callers from several threads)."""
 
     def __init__(self, pipe, model_ref: str | None = None, library: str | os.PathLike | None = None,
-                 lora_cache_bytes: int = DEFAULT_LORA_CACHE_BYTES, lora_folders: Iterable = ()):
+                 lora_cache_bytes: int = DEFAULT_LORA_CACHE_BYTES, lora_folders: Iterable = (),
+                 limits: Limits | None = None):
         from studio.generation import default_size
         from studio.models import model_family
 
@@ -269,6 +314,7 @@ class Studio:
         self.size = default_size(pipe)
         self.library = library if isinstance(library, LoraLibrary) else LoraLibrary(library, lora_folders,
                                                                                     lora_cache_bytes)
+        self.limits = limits if limits is not None else Limits.for_device(pipe.device.type)
         self._lock = threading.RLock()
         self._model_hash: str | None = None
 
@@ -276,20 +322,21 @@ class Studio:
     def load(cls, model: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None,
              config: str | os.PathLike | None = None, library: str | os.PathLike | None = None,
              lora_cache_bytes: int = DEFAULT_LORA_CACHE_BYTES, lora_folders: Iterable = (),
-             models: str | os.PathLike | None = None) -> "Studio":
+             models: str | os.PathLike | None = None, limits: Limits | None = None) -> "Studio":
         """Load a base model: None (the bundled shapes-world model), a diffusers folder, a single-file
         checkpoint (offline, from the configurations the studio ships) or a hub id; device and dtype default to
         the machine's best (CUDA fp16, else CPU fp32). `library` is the LoRA library folder (default
         $LORA_STUDIO_LORAS or ~/.cache/lora-studio/loras), or a LoraLibrary. `models`: an A1111 or ComfyUI
         install (or any folder of checkpoints): its LoRA folders join the library and `model` may name one of its
-        checkpoints by file name."""
+        checkpoints by file name. `limits`: what one request may ask (default: Limits.for_device, which reads
+        the LORA_STUDIO_MAX_* variables)."""
         from studio.models import load_base_model
 
         found = model_folders(models)
         model = resolve_checkpoint(model, found)
         pipe = load_base_model(model, device=device, dtype=dtype, config=config)
         return cls(pipe, None if model is None else str(model), library, lora_cache_bytes,
-                   [*lora_folders, *(found.lora_folders if found else [])])
+                   [*lora_folders, *(found.lora_folders if found else [])], limits)
 
     def lora(self, name_or_path: str | os.PathLike):
         """The LoRA's weights (LoraWeights), read once and kept in memory across calls."""
@@ -339,12 +386,20 @@ class Studio:
         if isinstance(seeds, str):
             seeds = parse_seeds(seeds)
         seeds = [composition.seed] if seeds is None else [composition.seed if s is None else int(s) for s in seeds]
+        self.check(composition, images=len(seeds))
         return Results(self.run(composition.with_overrides(seed=seed), callback) for seed in seeds)
+
+    def check(self, composition: Composition, images: int = 1) -> None:
+        """Refuse (StudioError, one sentence) what cannot run or is over the limits, before any work starts."""
+        from studio.compose import check_composition
+
+        check_composition(self.pipe, composition, self.limits, images)
 
     def run(self, composition: Composition, callback: Callable | None = None) -> Result:
         """One composition, as given (files already resolved), one image."""
         from studio.compose import compose, load_entries
 
+        self.check(composition)
         with self._lock:
             start = time.perf_counter()
             loaded = load_entries(composition, self.library.load)

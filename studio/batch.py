@@ -120,9 +120,12 @@ def _csv_item(row: dict, path: Path, line: int) -> dict:
     return item
 
 
-def expand_manifest(manifest: Manifest, base: Path, library) -> list[BatchItem]:
-    """Every (item × override × seed) as a BatchItem, compositions validated and files resolved before anything
-    runs; a bad item stops the batch here, named, with nothing generated."""
+def expand_manifest(manifest: Manifest, base: Path, library, limits=None) -> list[BatchItem]:
+    """Every (item × override × seed) as a BatchItem, compositions validated (method, parameters, regions,
+    `limits`) and files resolved before anything runs; a bad item stops the batch here, named, with nothing
+    generated."""
+    from studio.compose import check_composition
+
     items, stems = [], {}
     for index, item in enumerate(manifest.items, 1):
         given = [k for k in ("preset", "composition", "prompt") if getattr(item, k) is not None]
@@ -141,6 +144,7 @@ def expand_manifest(manifest: Manifest, base: Path, library) -> list[BatchItem]:
             extra = {"regions": item.regions} if item.regions else {}
             try:
                 composition = library.composition(source, **extra, **override)
+                check_composition(None, composition, limits)
             except StudioError as exc:
                 raise PresetError(f"Manifest item {index} ({label}): {exc}") from None
             for seed in parse_seeds(item.seeds if item.seeds is not None else manifest.seeds):
@@ -313,7 +317,7 @@ def _is_manifest(path: Path) -> bool:
 
 def run_batch(manifest: Manifest | Path, out_dir: Path, model: str | None = None, library: str | None = None,
               engine: str = "local", address: str | None = None, workers: int | None = None,
-              progress: bool = True, studio=None, models: str | Path | None = None) -> BatchReport:
+              progress: bool = True, studio=None, models: str | Path | None = None, limits=None) -> BatchReport:
     """Validate and expand a manifest (relative presets from the current folder, or the manifest file's), then run
     it with the local engine or on Ray."""
     from studio.api import LoraLibrary, model_folders, resolve_checkpoint
@@ -325,7 +329,12 @@ def run_batch(manifest: Manifest | Path, out_dir: Path, model: str | None = None
     if engine not in ("local", "ray"):
         raise StudioError(f"Unknown engine {engine!r}; choose local or ray.")
     lora_library = studio.library if studio is not None else LoraLibrary(library, found.lora_folders if found else ())
-    items = expand_manifest(manifest, Path.cwd(), lora_library)
+    if limits is None:
+        from studio.limits import Limits
+        from studio.models import choose_placement
+
+        limits = studio.limits if studio is not None else Limits.for_device(choose_placement().device)
+    items = expand_manifest(manifest, Path.cwd(), lora_library, limits)
     if model is not None or studio is not None:  # one model for every item
         items = [BatchItem(i.composition.model_copy(update={"base_model": model if studio is None else
                                                              studio.model_ref}), i.stem, i.key, i.source)
@@ -336,7 +345,8 @@ def run_batch(manifest: Manifest | Path, out_dir: Path, model: str | None = None
         models = {item.composition.base_model for item in items}
         if len(models) > 1:
             raise StudioError(f"The Ray engine runs one base model and the items name {len(models)}; give --model.")
-        with ray_engine(next(iter(models), None), library, address=address, workers=workers) as execute:
+        with ray_engine(next(iter(models), None), library, address=address, workers=workers,
+                        limits=limits.model_dump()) as execute:
             return run_items(items, out_dir, execute, progress)
     from studio.api import Studio
 
@@ -344,7 +354,7 @@ def run_batch(manifest: Manifest | Path, out_dir: Path, model: str | None = None
 
     def studio_for(ref: str | None):
         if ref not in studios:
-            studios[ref] = Studio.load(ref, library=lora_library)
+            studios[ref] = Studio.load(ref, library=lora_library, limits=limits)
         return studios[ref]
 
     return run_items(items, out_dir, local_engine(studio_for), progress)

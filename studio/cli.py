@@ -5,7 +5,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -21,6 +21,25 @@ toyworld = typer.Typer(help="The shapes world: train and evaluate the bundled de
 app.add_typer(toyworld, name="toyworld")
 b4m = typer.Typer(help="Break-for-Make: train B4M content / style adapters and assemble a pair.", no_args_is_help=True)
 app.add_typer(b4m, name="b4m")
+
+
+MaxPixels = Annotated[Optional[int], typer.Option("--max-pixels", help="Limit: pixels of one image (default "
+                                                                     "1024² on CPU, 4096² on CUDA; "
+                                                                     "$LORA_STUDIO_MAX_PIXELS).")]
+MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help="Limit: denoising steps (default 150; "
+                                                                   "$LORA_STUDIO_MAX_STEPS).")]
+MaxLoras = Annotated[Optional[int], typer.Option("--max-loras", help="Limit: LoRAs in one composition (default 16; "
+                                                                   "$LORA_STUDIO_MAX_LORAS).")]
+MaxImages = Annotated[Optional[int], typer.Option("--max-images", help="Limit: images (seeds) of one request "
+                                                                     "(default 64; $LORA_STUDIO_MAX_IMAGES).")]
+
+
+def limits_from_options(device: str | None = None, upload_mb: float | None = None, **values):
+    from studio.limits import Limits
+    from studio.models import choose_placement
+
+    return Limits.for_device(device or choose_placement().device,
+                             max_upload_bytes=None if upload_mb is None else int(upload_mb * 2**20), **values)
 
 
 def fail(message: str, as_json: bool = False) -> None:
@@ -43,13 +62,25 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to listen on."),
                                                           "or $LORA_STUDIO_LORAS)."),
           models: Optional[Path] = typer.Option(None, help="An A1111 or ComfyUI install: its LoRA folders join the "
                                                            "library and --model may name one of its checkpoints."),
-          open_browser: bool = typer.Option(False, "--open", help="Open a browser tab.")):
-    """Start the web studio."""
+          open_browser: bool = typer.Option(False, "--open", help="Open a browser tab."),
+          auth: Optional[str] = typer.Option(None, help="USER:PASSWORD asked of every visitor (Gradio auth); "
+                                                        "default $LORA_STUDIO_AUTH. Use it whenever --host is not "
+                                                        "127.0.0.1."),
+          max_pixels: MaxPixels = None, max_steps: MaxSteps = None, max_loras: MaxLoras = None,
+          max_images: MaxImages = None,
+          max_upload_mb: Optional[float] = typer.Option(None, "--max-upload-mb", help="Limit: one uploaded file, in "
+                                                        "MiB (default 2048; $LORA_STUDIO_MAX_UPLOAD_MB)."),
+          max_queue: Optional[int] = typer.Option(None, "--max-queue", help="Limit: requests waiting in the queue "
+                                                  "(default 64; $LORA_STUDIO_MAX_QUEUE).")):
+    """Start the web studio. It opens LoRA files only in its library folders (uploads go there) and listens on
+    127.0.0.1 unless told otherwise."""
     from studio import webapp
 
     try:
+        limits = limits_from_options(None, max_upload_mb, max_pixels=max_pixels, max_steps=max_steps,
+                                     max_loras=max_loras, max_images=max_images, max_queue=max_queue)
         webapp.main(host=host, port=port, model=model, config=config, open_browser=open_browser, library=library,
-                    models=models)
+                    models=models, auth=auth, limits=limits)
     except StudioError as exc:
         fail(str(exc))
 
@@ -135,6 +166,8 @@ def generate(preset: Optional[Path] = typer.Argument(None, help="A preset (.json
                                                               "checkpoints): its LoRA folders join the library and "
                                                               "--model may name one of its checkpoints."),
              device: Optional[str] = typer.Option(None), dtype: Optional[str] = typer.Option(None),
+             max_pixels: MaxPixels = None, max_steps: MaxSteps = None, max_loras: MaxLoras = None,
+             max_images: MaxImages = None,
              with_overview: bool = typer.Option(False, "--overview", help="Also write …-overview.png: the image "
                                                 "enlarged with each concept's region outlined and its attention "
                                                 "map laid over it, in that concept's colour.")):
@@ -163,8 +196,11 @@ def generate(preset: Optional[Path] = typer.Argument(None, help="A preset (.json
         seed_list = parse_seeds(seeds) if seeds else [composition.seed]
         from tqdm.auto import tqdm
 
-        studio = Studio(_load_pipe(model or composition.base_model, device, dtype, config),
-                        model or composition.base_model, library=lora_library)
+        pipe = _load_pipe(model or composition.base_model, device, dtype, config)
+        limits = limits_from_options(pipe.device.type, max_pixels=max_pixels, max_steps=max_steps,
+                                     max_loras=max_loras, max_images=max_images)
+        studio = Studio(pipe, model or composition.base_model, library=lora_library, limits=limits)
+        studio.check(composition, images=len(seed_list))  # refused before any progress bar or file
         stem = preset.stem if preset is not None else "image"
         made = f"-{composition.method}-{composition.seed}"
         if preset is not None and preset.suffix.lower() == ".png" and stem.endswith(made):
@@ -263,15 +299,17 @@ def batch(manifests: list[Path] = typer.Argument(..., help="Manifests (.json or 
           address: Optional[str] = typer.Option(None, help="Ray: the cluster's address (auto, or ray://host:10001); "
                                                            "default: a local Ray instance."),
           workers: Optional[int] = typer.Option(None, help="Ray: number of workers (default: one per GPU, else per "
-                                                           "CPU).")):
+                                                           "CPU)."),
+          max_pixels: MaxPixels = None, max_steps: MaxSteps = None, max_loras: MaxLoras = None):
     """Generate a manifest's items × seeds × overrides; re-running the same command skips what is done and resumes
     what was interrupted; a failing item is recorded and the others go on."""
     from studio.batch import load_manifests, run_batch
 
     try:
         manifest = load_manifests(manifests, seeds=seeds, method=method)
+        limits = limits_from_options(None, max_pixels=max_pixels, max_steps=max_steps, max_loras=max_loras)
         report = run_batch(manifest, out, model=model, library=library, engine=engine, address=address,
-                           workers=workers, models=models)
+                           workers=workers, models=models, limits=limits)
     except StudioError as exc:
         fail(str(exc))
     typer.echo(report.table())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -19,6 +20,7 @@ from studio.spec import Composition
 
 if TYPE_CHECKING:
     from composers.base import Composer
+    from studio.limits import Limits
     from studio.lora import LoraWeights
 
 
@@ -62,6 +64,55 @@ def compose(pipe, composition: Composition, callback: Callable[[StepInfo], bool 
     return result
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a composition will run, checked: its method, the method's parameters and the image size."""
+    composer_cls: type
+    params: object
+    height: int
+    width: int
+
+
+def check_composition(pipe, composition: Composition, limits: "Limits | None" = None, images: int = 1) -> Plan:
+    """Everything about a composition that can be refused without running it: the method and its parameters,
+    regions where the method needs them, the size for this model (`pipe` None: only sizes the composition
+    gives), the limits, and each painted mask. Raises a StudioError (one sentence) before any work starts."""
+    composer_cls = get_composer(composition.method)
+    params = _params(composer_cls, composition)
+    unplaced = [e for e in composition.loras if e.role == "concept" and e.region is None]
+    if composer_cls.needs_regions and unplaced:
+        raise PresetError(f"The method {composition.method!r} needs a region (box or mask) for each concept LoRA; "
+                          f"{Path(unplaced[0].file).name} has none.")
+    size = default_size(pipe) if pipe is not None else 0  # without a model (a batch driver): sizes given only
+    height, width = composition.height or size, composition.width or size
+    factor = pipe.vae_scale_factor if pipe is not None else 8
+    if height % factor or width % factor:
+        raise PresetError(f"The size {width}×{height} is not a multiple of this model's latent factor {factor}.")
+    if limits is not None:
+        limits.check(width, height, composition.steps, len(composition.loras), images)
+    for entry in composition.loras:
+        if entry.region is not None and entry.region.mask is not None:
+            check_mask(entry.region.mask, Path(entry.file).name)
+    return Plan(composer_cls, params, height, width)
+
+
+def check_mask(mask: str, owner: str) -> None:
+    """A painted mask must be a readable image of sane size (a decompression bomb is refused unread)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from attention.masks import MAX_MASK_PIXELS, open_mask_image
+
+    try:
+        with open_mask_image(mask) as image:
+            pixels = image.size[0] * image.size[1]
+    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError):
+        shown = "its embedded image" if mask.startswith("data:") else Path(mask).name
+        raise PresetError(f"The mask of {owner} ({shown}) cannot be read as an image.") from None
+    if pixels > MAX_MASK_PIXELS:
+        raise PresetError(f"The mask of {owner} has {pixels:,} pixels, more than the {MAX_MASK_PIXELS:,} a mask "
+                          "may have.")
+
+
 @contextlib.contextmanager
 def prepared_session(pipe, composition: Composition, loaded: dict | None = None
                      ) -> Iterator[tuple[Session, "Composer"]]:
@@ -69,18 +120,10 @@ def prepared_session(pipe, composition: Composition, loaded: dict | None = None
     cancel) the method is torn down and the LoRAs detached, leaving the pipeline as it was."""
     from studio.lora.inject import attach_lora, detach_lora, text_encoder_layers
 
-    composer_cls = get_composer(composition.method)
-    composer = composer_cls(_params(composer_cls, composition))
-    unplaced = [e for e in composition.loras if e.role == "concept" and e.region is None]
-    if composer_cls.needs_regions and unplaced:
-        raise PresetError(f"The method {composition.method!r} needs a region (box or mask) for each concept LoRA; "
-                          f"{Path(unplaced[0].file).name} has none.")
+    plan = check_composition(pipe, composition)
+    composer = plan.composer_cls(plan.params)
     loaded = loaded if loaded is not None else load_entries(composition)
-    size = default_size(pipe)
-    height, width = composition.height or size, composition.width or size
-    factor = pipe.vae_scale_factor
-    if height % factor or width % factor:
-        raise PresetError(f"The size {width}×{height} is not a multiple of this model's latent factor {factor}.")
+    height, width, factor = plan.height, plan.width, pipe.vae_scale_factor
     session = Session(pipe=pipe, prompt=composition.prompt, negative_prompt=composition.negative_prompt,
                       height=height, width=width, steps=composition.steps, guidance=composition.guidance,
                       generator=torch.Generator("cpu").manual_seed(composition.seed),

@@ -19,13 +19,14 @@ FAIL_ONCE_ENV = "LORA_STUDIO_RAY_TEST_FAIL_ONCE"  # tests: a marker path; the fi
 class StudioWorker:
     """A Ray actor: a Studio loaded once, LoRAs materialised from the object store into a cache folder."""
 
-    def __init__(self, model: str | None, library: str | None, threads: int):
+    def __init__(self, model: str | None, library: str | None, threads: int, limits: dict | None = None):
         import torch
 
         from studio.api import Studio
+        from studio.limits import Limits
 
         torch.set_num_threads(threads)  # CPU results depend on the thread count: the driver's, as the local engine
-        self.studio = Studio.load(model, library=library)
+        self.studio = Studio.load(model, library=library, limits=Limits(**limits) if limits else None)
         self.cache = Path(tempfile.mkdtemp(prefix="lora-studio-ray-"))
         self.files: dict[str, Path] = {}
 
@@ -74,9 +75,11 @@ def shipped_composition(composition) -> tuple[dict, dict[str, tuple[str, Path]]]
 
 
 @contextlib.contextmanager
-def ray_engine(model: str | None, library: str | None, address: str | None = None, workers: int | None = None):
+def ray_engine(model: str | None, library: str | None, address: str | None = None, workers: int | None = None,
+               limits: dict | None = None):
     """An engine (see studio.batch.run_items) over a Ray cluster: `address` None starts a local Ray instance
-    (or joins the one this process already started); "auto" or "ray://host:10001" joins a cluster."""
+    (or joins the one this process already started); "auto" or "ray://host:10001" joins a cluster. `limits`: the
+    driver's Limits (as a dict), which the workers apply too."""
     try:
         import ray
     except ImportError:
@@ -98,7 +101,7 @@ def ray_engine(model: str | None, library: str | None, address: str | None = Non
         threads = torch.get_num_threads()
 
         def new_actor():
-            return worker_class.remote(model, library, threads)
+            return worker_class.remote(model, library, threads, limits)
 
         def execute(items):
             if not items:

@@ -125,3 +125,30 @@ def model_family(pipe) -> str:
     if dim == 128:
         return FAMILY_SHAPES
     return FAMILY_SD1
+
+
+def pipeline_fingerprint(pipe) -> str:
+    """sha256 of everything a run may change on a loaded pipeline: every weight and buffer of its networks (by
+    value), the class of every module (a LoRA wrapper left behind shows), every attention processor, the
+    scheduler's class and configuration. Equal before and after a refused or finished run means nothing was
+    left behind."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, component, None)
+        if module is None:
+            continue
+        digest.update(component.encode())
+        for name, child in module.named_modules():
+            digest.update(f"{name}:{type(child).__name__};".encode())
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                          if tensor.numel() else b"")
+        digest.update(json.dumps({name: type(p).__name__ for name, p in
+                                  getattr(module, "attn_processors", {}).items()}, sort_keys=True).encode())
+    digest.update(type(pipe.scheduler).__name__.encode())
+    digest.update(json.dumps(dict(pipe.scheduler.config), sort_keys=True, default=str).encode())
+    return digest.hexdigest()

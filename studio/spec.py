@@ -11,6 +11,7 @@ from studio.errors import PresetError
 from studio.samplers import SamplerName, canonical_sampler
 
 SPEC_VERSION = 1
+MAX_PRESET_BYTES = 64 << 20  # a preset with embedded masks is kilobytes; this only stops absurd files
 
 
 class Region(BaseModel):
@@ -151,21 +152,42 @@ def load_preset(path: Path) -> Composition:
     path = Path(path)
     if not path.exists():
         raise PresetError(f"The preset {path} does not exist.")
-    if path.suffix.lower() == ".png":
-        from PIL import Image
-
-        text = Image.open(path).text.get("lora-studio")
-        if text is None:
-            raise PresetError(f"{path.name} carries no LoRA Studio composition (no `lora-studio` PNG chunk).")
-        data = text
-    else:
-        data = path.read_text()
+    if not path.is_file():
+        raise PresetError(f"The preset {path} is a folder, not a file.")
+    if path.stat().st_size > MAX_PRESET_BYTES:
+        raise PresetError(f"The preset {path.name} is {path.stat().st_size / 2**20:.0f} MiB; a preset is at most "
+                          f"{MAX_PRESET_BYTES // 2**20} MiB.")
+    try:
+        data = _png_composition(path) if path.suffix.lower() == ".png" else path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PresetError(f"{path.name} is not a text file (not UTF-8), so not a preset.") from None
+    except OSError as exc:
+        raise PresetError(f"The preset {path.name} cannot be read ({exc.strerror or exc}).") from None
     try:
         raw = json.loads(data)
     except json.JSONDecodeError as exc:
         raise PresetError(f"{path.name} is not valid JSON ({exc.msg} at line {exc.lineno}).") from None
+    if not isinstance(raw, dict):
+        raise PresetError(f"{path.name} holds a JSON {type(raw).__name__}, not a composition (a JSON object).")
     composition = parse_composition(raw, path.name)
     return _resolve_paths(composition, path.parent)
+
+
+def _png_composition(path: Path) -> str:
+    """The `lora-studio` text chunk of a PNG made by the studio."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                raise PresetError(f"{path.name} is a {image.format} image, not a PNG made by the studio.")
+            text = image.text.get("lora-studio")
+    except (UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
+        raise PresetError(f"{path.name} is not a readable PNG image ({str(exc).splitlines()[0][:80] or 'corrupt'})."
+                          ) from None
+    if text is None:
+        raise PresetError(f"{path.name} carries no LoRA Studio composition (no `lora-studio` PNG chunk).")
+    return text
 
 
 def _resolve_paths(composition: Composition, base: Path) -> Composition:

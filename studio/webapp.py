@@ -1,10 +1,16 @@
 """The web studio (Gradio): `studio serve`, or `python app.py`."""
 from __future__ import annotations
 
+import inspect
 import json
+import logging
+import os
+import re
+import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import gradio as gr
@@ -16,7 +22,10 @@ from studio.errors import Cancelled, StudioError
 from studio.samplers import SAMPLERS
 from studio.spec import LoraEntry, Region, load_preset, parse_composition, save_preset
 
+log = logging.getLogger(__name__)
+
 N_SLOTS = 4
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MODEL_DEFAULT = "model default"
 BOX_COLOURS = ["#e4572e", "#2e86ab", "#76b041", "#f3a712"]
 CSS = """
@@ -28,22 +37,116 @@ CSS = """
 
 
 class StudioState:
-    """The loaded base model and the LoRA files on offer; one per server process."""
+    """The loaded base model and the LoRA files on offer; one per server process. Its library is confined: the
+    server opens LoRA files (and painted masks) only inside the library folders, where uploads go. Each browser
+    session (or gradio_client) has its own Stop."""
 
     def __init__(self, model: str | None, config: str | None = None, library: str | None = None,
-                 models: str | None = None):
-        from studio.api import Studio, model_folders
+                 models: str | None = None, limits=None):
+        from studio.api import LoraLibrary, Studio, model_folders
 
         self.models = model_folders(models)
-        self.studio = Studio.load(model, config=config, library=library, models=models)
+        lora_library = LoraLibrary(library, self.models.lora_folders if self.models else (), confined=True)
+        self.studio = Studio.load(model, config=config, library=lora_library, models=models, limits=limits)
         self.model_ref = self.studio.model_ref
         self.pipe = self.studio.pipe
         self.family = self.studio.family
         self.size = self.studio.size
         self.library = library
+        self.limits = self.studio.limits
         self.outputs = Path(tempfile.mkdtemp(prefix="lora-studio-"))
         self.lock = threading.Lock()
-        self.cancel = threading.Event()
+        self._sessions: dict[str, SessionRun] = {}
+        self._sessions_lock = threading.Lock()
+
+    def session(self, key: str | None) -> "SessionRun":
+        """The run state of one browser session (or gradio_client), made on first use."""
+        with self._sessions_lock:
+            return self._sessions.setdefault(key or "anonymous", SessionRun())
+
+    @property
+    def upload_folder(self) -> Path:
+        from studio.lora import library_folder
+
+        return library_folder(self.library) / "uploads"
+
+    def generate(self, composition, session_key: str | None, progress=None) -> tuple[str, list, str, str]:
+        """Run one composition for a session: checked against the limits and the library before anything runs;
+        returns (image path, gallery of maps and masks, preset path, note). A failure of any kind is one sentence
+        (gr.Error) and leaves the pipeline as it was."""
+        from studio.api import studio_error_sentence
+
+        try:
+            composition = self.studio.library.resolve_files(composition)
+            self.studio.check(composition)
+        except StudioError as exc:
+            raise gr.Error(str(exc)) from None
+        run = self.session(session_key)
+        run.start(composition.steps)
+
+        def step_callback(step):
+            run.step = step.step + 1
+            if progress is not None:
+                progress((step.step + 1, step.total), desc=f"{composition.method}: denoising")
+            return not run.cancel.is_set()
+
+        try:
+            with self.lock:
+                start = time.perf_counter()
+                result = self.studio.run(composition, step_callback)
+                elapsed = time.perf_counter() - start
+        except Cancelled as exc:
+            return None, [], None, str(exc)
+        except Exception as exc:  # noqa: BLE001 — out of memory and the like: one sentence, then a normal studio
+            if not isinstance(exc, StudioError):
+                log.exception("the run failed")
+                release_memory()
+            raise gr.Error(studio_error_sentence(exc)) from None
+        finally:
+            run.finish()
+        stem = f"{uuid.uuid4().hex[:12]}-{composition.method}-{composition.seed}"
+        written = result.save(self.outputs, stem)
+        preset_path = written[0].with_suffix(".json")
+        save_preset(result.composition, preset_path)
+        gallery = [(str(p), p.stem.rsplit("-", 2)[-2] + " " + p.stem.rsplit("-", 1)[-1]) for p in written[1:]]
+        note = (f"{result.image.size[0]}×{result.image.size[1]} in {elapsed:.2f} s · seed {composition.seed} · "
+                f"{result.info['unet_passes_per_step']:.2f} UNet passes per step")
+        return str(written[0]), gallery, str(preset_path), note
+
+    def stop(self, session_key: str | None) -> str:
+        """Stop this session's run (only its own) at the end of the current step."""
+        run = self.session(session_key)
+        if not run.running:
+            return "Nothing of yours is running."
+        run.cancel.set()
+        return f"Stopping your run (step {run.step} of {run.total})."
+
+    def upload(self, file_path: str, name: str | None = None) -> Path:
+        """Add an uploaded LoRA to the library's uploads folder: size within the limit, .safetensors only (a
+        pickle never), inspected before it is kept; returns where it went."""
+        from studio.files import write_bytes_atomic
+        from studio.lora import inspect_lora
+
+        source = Path(file_path)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name or source.name).name).strip("._") or "upload.safetensors"
+        if not name.lower().endswith(".safetensors"):
+            raise StudioError(f"The upload {name} is not a .safetensors file; only safetensors LoRAs are accepted "
+                              "(pickled .pt/.ckpt/.bin files can execute code).")
+        self.limits.check_upload(name, source.stat().st_size)
+        staging = self.upload_folder / ".staging" / f"{uuid.uuid4().hex}-{name}"
+        write_bytes_atomic(staging, source.read_bytes())
+        try:
+            info = inspect_lora(staging)
+            if info.base_model and self.family and info.base_model not in (self.family, "unknown"):
+                raise StudioError(f"The upload {name} is a LoRA for {info.base_model}, not for this studio's "
+                                  f"{self.family} model.")
+            target = self.upload_folder / name
+            if target.exists() and target.read_bytes() != staging.read_bytes():
+                target = target.with_name(f"{target.stem}-{info.sha256[:8]}{target.suffix}")
+            staging.replace(target)
+        finally:
+            staging.unlink(missing_ok=True)
+        return target
 
     def library_entries(self):
         """Every LoRA-like file on offer: the bundled examples (LoRAs and the B4M pair) and the library."""
@@ -62,6 +165,34 @@ class StudioState:
                          str(info.rank) if info else "—", ", ".join(info.trigger_words) if info else "",
                          "usable" if entry.usable else entry.error])
         return rows
+
+
+class SessionRun:
+    """One session's current run: its Stop flag and how far it has come."""
+
+    def __init__(self):
+        self.cancel = threading.Event()
+        self.running = False
+        self.step = 0
+        self.total = 0
+
+    def start(self, total: int) -> None:
+        self.cancel.clear()
+        self.step, self.total, self.running = 0, total, True
+
+    def finish(self) -> None:
+        self.running = False
+
+
+def release_memory() -> None:
+    """After a failed run (out of memory above all): drop what the run held."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def example_presets() -> list[str]:
@@ -112,6 +243,39 @@ def composition_from_ui(state: StudioState, prompt, negative, method, params_jso
                               "steps": int(steps), "guidance": float(guidance), "seed": int(seed), "method": method,
                               "scheduler": None if sampler == MODEL_DEFAULT else sampler,
                               "params": params, "loras": [e.model_dump(mode="json") for e in loras]}, "the studio")
+
+
+def composition_from_text(state: StudioState, text: str, seed=None):
+    """A composition from preset JSON text or the name of an example preset, on this studio's model."""
+    from studio.spec import MAX_PRESET_BYTES
+
+    text = (text or "").strip()
+    if text in example_presets():
+        composition = load_preset(paths.EXAMPLE_PRESETS / f"{text}.json")
+    else:
+        if len(text) > MAX_PRESET_BYTES:
+            raise StudioError(f"The preset text is over {MAX_PRESET_BYTES // 2**20} MiB.")
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise StudioError(f"The preset is neither an example's name ({', '.join(example_presets())}) nor valid "
+                              f"JSON ({exc.msg} at line {exc.lineno}).") from None
+        composition = parse_composition(raw, "the preset")
+    composition = composition.model_copy(update={"base_model": state.model_ref})
+    return composition if seed is None or seed == "" else composition.with_overrides(seed=int(seed))
+
+
+FORM_FIELDS = ["prompt", "negative_prompt", "method", "params", "steps", "guidance", "seed", "sampler"]
+SLOT_FIELDS = ["file", "weight", "role", "trigger_words", "use_box", "x0", "y0", "x1", "y1", "region_prompt"]
+
+
+def form_signature() -> inspect.Signature:
+    """(prompt, …, lora1_file, …, lora4_region_prompt, request, progress): the generate event's parameters."""
+    names = FORM_FIELDS + [f"lora{i + 1}_{name}" for i in range(N_SLOTS) for name in SLOT_FIELDS]
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    return inspect.Signature([inspect.Parameter(name, kind) for name in names]
+                             + [inspect.Parameter("request", kind, annotation=gr.Request),
+                                inspect.Parameter("progress", kind, default=gr.Progress())])
 
 
 def method_defaults(method: str) -> str:
@@ -181,6 +345,10 @@ def build_ui(state: StudioState) -> gr.Blocks:
             table = gr.Dataframe(headers=["name", "format", "base", "rank", "trigger words", "status"],
                                  value=state.library_rows(), interactive=False, wrap=True)
             gr.Button("Rescan").click(lambda: state.library_rows(), outputs=table)
+            upload = gr.File(label=f"Add LoRA files (.safetensors, up to {state.limits.max_upload_bytes / 2**20:.0f} "
+                                   f"MiB each; kept in {state.upload_folder})", file_count="multiple",
+                             file_types=[".safetensors"])
+            upload_note = gr.Markdown(elem_classes="small-note")
             if state.models is not None:
                 gr.Markdown(f"**Checkpoints** of the models folder ({state.models.kind}; start the studio with "
                             "`--model NAME` to use one): " + (", ".join(f"`{p.stem}`" for p in
@@ -224,39 +392,49 @@ def build_ui(state: StudioState) -> gr.Blocks:
         for i in range(N_SLOTS):
             slot_inputs[i * 10].change(on_file, slot_inputs[i * 10], slot_inputs[i * 10 + 3])
 
-        def on_generate(prompt_text, negative_text, method_name, params_json, n_steps, cfg, seed_value, sampler_name,
-                        *flat, progress=gr.Progress()):
+        def on_generate(*values):
+            *fields, request, progress = values
             try:
-                composition = composition_from_ui(state, prompt_text, negative_text, method_name, params_json,
-                                                  n_steps, cfg, seed_value, sampler_name, list(flat))
+                composition = composition_from_ui(state, *fields[:8], list(fields[8:]))
             except StudioError as exc:
                 raise gr.Error(str(exc)) from None
-            state.cancel.clear()
+            image_path, gallery, preset_path, note = state.generate(composition, request.session_hash, progress)
+            if image_path is None:  # cancelled: keep the last image on screen
+                return gr.update(), gr.update(), gr.update(), note
+            return image_path, gallery, preset_path, note
 
-            def step_callback(step):
-                progress((step.step + 1, step.total), desc=f"{composition.method}: denoising")
-                return not state.cancel.is_set()
-
-            with state.lock:
-                start = time.perf_counter()
-                try:
-                    result = state.studio.run(state.studio.library.resolve_files(composition), step_callback)
-                except Cancelled as exc:
-                    return gr.update(), gr.update(), gr.update(), str(exc)
-                except StudioError as exc:
-                    raise gr.Error(str(exc)) from None
-                elapsed = time.perf_counter() - start
-            written = result.save(state.outputs, f"{int(time.time() * 1000)}-{composition.method}-{composition.seed}")
-            preset_path = written[0].with_suffix(".json")
-            save_preset(result.composition, preset_path)
-            gallery = [(str(p), p.stem.rsplit("-", 2)[-2] + " " + p.stem.rsplit("-", 1)[-1]) for p in written[1:]]
-            note = (f"{result.image.size[0]}×{result.image.size[1]} in {elapsed:.2f} s · seed {composition.seed} · "
-                    f"{result.info['unet_passes_per_step']:.2f} UNet passes per step")
-            return str(written[0]), gallery, str(preset_path), note
-
+        # Gradio passes the request only to a parameter it can see: give the 48 inputs names (gradio_client shows
+        # them) and the request and progress after them
+        on_generate.__signature__ = form_signature()
+        on_generate.__annotations__ = {"request": gr.Request}
         run.click(on_generate, [prompt, negative, method, params, steps, guidance, seed, sampler] + slot_inputs,
-                  [image, maps, preset_out, info])
-        stop.click(lambda: state.cancel.set(), None, None)
+                  [image, maps, preset_out, info], api_name="generate")
+        stop_note = gr.Markdown(elem_classes="small-note", visible=True)
+
+        def on_stop(request: gr.Request):
+            return state.stop(request.session_hash)
+
+        # Stop runs beside the queue (never waits behind a generation) and only touches its own session's run
+        stop.click(on_stop, None, stop_note, api_name="stop", concurrency_limit=None, concurrency_id="stop")
+
+        with gr.Row(visible=False):  # the `compose` endpoint, for gradio_client: a preset in, an image out
+            api_preset = gr.Textbox()
+            api_seed = gr.Number(precision=0)
+            api_image = gr.Image(type="filepath", format="png")
+            api_preset_out = gr.File()
+            api_note = gr.Textbox()
+            api_button = gr.Button()
+
+        def on_compose(preset_text, seed_value, request: gr.Request, progress=gr.Progress()):
+            """Generate from a composition given as preset JSON text, or the name of an example preset."""
+            try:
+                composition = composition_from_text(state, preset_text, seed_value)
+            except StudioError as exc:
+                raise gr.Error(str(exc)) from None
+            image_path, _, preset_path, note = state.generate(composition, request.session_hash, progress)
+            return image_path, preset_path, note
+
+        api_button.click(on_compose, [api_preset, api_seed], [api_image, api_preset_out, api_note], api_name="compose")
 
         def on_preset(file):
             if file is None:
@@ -289,26 +467,63 @@ def build_ui(state: StudioState) -> gr.Blocks:
             from studio.training.b4m import make
 
             files = state.lora_files()
-            out = state.outputs / f"b4m-{int(time.time())}.safetensors"
+            out = state.outputs / f"b4m-{uuid.uuid4().hex[:12]}.safetensors"
             try:
+                if not content_label or not style_label:
+                    raise StudioError("Choose a content adapter and a style adapter.")
+                content_file, style_file = (files.get(label) or state.studio.library.find(label)
+                                            for label in (content_label, style_label))
                 with state.lock:
-                    make(state.pipe, Path(files.get(content_label, content_label or "")),
-                         Path(files.get(style_label, style_label or "")), out, int(finetune_steps or 0))
+                    make(state.pipe, Path(content_file), Path(style_file), out, int(finetune_steps or 0))
             except (StudioError, OSError) as exc:
                 return None, f"**Cannot assemble:** {exc}"
             tuned = f", fine-tuned jointly for {int(finetune_steps)} steps" if finetune_steps else ""
             return str(out), f"Assembled{tuned}: one ordinary LoRA with the content in the style."
 
         assemble_button.click(on_assemble, [content, style, finetune], [assembled, b4m_note])
+
+        lora_dropdowns = [slot_inputs[i * 10] for i in range(N_SLOTS)] + [content, style]
+
+        def on_upload(files):
+            notes = []
+            for file in files or []:
+                path = file if isinstance(file, str) else file.name
+                try:
+                    kept = state.upload(path)
+                    notes.append(f"Added **{kept.name}**.")
+                except (StudioError, OSError) as exc:
+                    notes.append(f"**Refused:** {exc}")
+            choices = list(state.lora_files())
+            return (state.library_rows(), " ".join(notes), *[gr.update(choices=choices) for _ in lora_dropdowns])
+
+        upload.upload(on_upload, upload, [table, upload_note, *lora_dropdowns], api_name="upload_loras")
     return demo
 
 
 def main(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, config: str | None = None,
          open_browser: bool = False, prevent_thread_lock: bool = False, library: str | None = None,
-         models: str | None = None):
-    state = StudioState(model, config, library, models)
+         models: str | None = None, auth: str | None = None, limits=None):
+    """Serve the studio. It listens on 127.0.0.1 unless `host` says otherwise; `auth` ("user:password", default
+    $LORA_STUDIO_AUTH) makes every visitor log in (Gradio auth)."""
+    credentials = parse_auth(auth if auth is not None else os.environ.get("LORA_STUDIO_AUTH"))
+    if host not in LOCAL_HOSTS and credentials is None:
+        print(f"warning: the studio listens on {host}:{port} without a password: anyone who can reach this machine "
+              "can use it and its GPU. Share it safely with --auth USER:PASSWORD (or $LORA_STUDIO_AUTH), behind "
+              "HTTPS, or keep 127.0.0.1 and reach it through an SSH tunnel (ssh -L 7860:127.0.0.1:7860 host).",
+              file=sys.stderr, flush=True)
+    state = StudioState(model, config, library, models, limits)
     demo = build_ui(state)
-    demo.queue(default_concurrency_limit=1)
+    demo.queue(default_concurrency_limit=1, max_size=state.limits.max_queue)
     demo.launch(server_name=host, server_port=port, inbrowser=open_browser, css=CSS, theme=gr.themes.Soft(),
-                prevent_thread_lock=prevent_thread_lock, footer_links=["gradio", "settings"])
+                prevent_thread_lock=prevent_thread_lock, footer_links=["gradio", "settings"], auth=credentials,
+                max_file_size=state.limits.max_upload_bytes)
     return demo
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not (sep and user and password):
+        raise StudioError("--auth must be USER:PASSWORD, both non-empty.")
+    return user, password

@@ -4,6 +4,7 @@ never touches the tensor bytes, so inspecting a 2 GB file costs one small read."
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,16 @@ def read_header(path: Path) -> SafetensorsHeader:
             if len(prefix) < 8:
                 raise LoraError(f"{path.name} is not a safetensors file: it is only {len(prefix)} bytes long.")
             (length,) = struct.unpack("<Q", prefix)
+            size = os.fstat(f.fileno()).st_size
+            if length == 0 or length > min(MAX_HEADER_BYTES, size - 8):
+                disguised = _pickle_kind(prefix)
+                if disguised:
+                    raise LoraError(f"{path.name} is {disguised}, not safetensors; pickles can execute code when "
+                                    "loaded, so it is refused unread.")
+                if MAX_HEADER_BYTES < length <= size - 8:
+                    raise LoraError(f"{path.name} has a {length / 2**20:.0f} MiB safetensors header (metadata); "
+                                    f"more than {MAX_HEADER_BYTES // 2**20} MiB is refused, as the safetensors "
+                                    "library does.")
             if length == 0 or length > MAX_HEADER_BYTES:
                 raise LoraError(f"{path.name} is not a safetensors file: its header length ({length} bytes) is "
                                 "impossible.")
@@ -58,6 +69,16 @@ def read_header(path: Path) -> SafetensorsHeader:
     if not isinstance(header, dict):
         raise LoraError(f"{path.name} has a corrupt safetensors header (not a JSON object).")
     return _parse(path, header, data_start=8 + length)
+
+
+def _pickle_kind(prefix: bytes) -> str | None:
+    """What a file's first bytes say it is when it is a pickle in disguise: torch.save's zip archive, or a raw
+    pickle stream (protocol 2+ starts with 0x80 and the protocol number)."""
+    if prefix.startswith(b"PK\x03\x04"):
+        return "a zip archive (torch.save's pickle format)"
+    if prefix[0] == 0x80 and 2 <= prefix[1] <= 5:
+        return "a Python pickle"
+    return None
 
 
 def _parse(path: Path, header: dict, data_start: int) -> SafetensorsHeader:

@@ -85,7 +85,8 @@ def inspect_with_layout(path: str | Path) -> tuple[LoraInfo, K.KeyLayout]:
     """inspect_lora's work, also returning the key layout that converters need."""
     path = Path(path)
     if not path.is_file():
-        raise LoraError(f"{path} does not exist." if not path.exists() else f"{path} is not a file.")
+        raise LoraError(f"{path} does not exist." if not path.exists() else f"{path} is a folder, not a LoRA file."
+                        if path.is_dir() else f"{path} is not a regular file.")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise LoraError(pickle_refusal(path))
     header = read_header(path)

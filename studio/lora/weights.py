@@ -140,8 +140,17 @@ def load_lora(path: str | Path, allow_pickle: bool = False) -> LoraWeights:
     else:
         info, layout = inspect_with_layout(path)
         tensors = _read_safetensors(path)
+    _check_finite(path, tensors)
     return LoraWeights(name=path.stem, info=info, modules=build_modules(info, layout, tensors),
                        embeddings=build_embeddings(layout, tensors))
+
+
+def _check_finite(path: Path, tensors: Mapping[str, Tensor]) -> None:
+    """A NaN or infinity anywhere in a LoRA spreads through every layer it touches and makes a black image."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise LoraError(f"{path.name} holds NaN or infinite values (in {key}); it would ruin every image, so it "
+                            "is refused.")
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:

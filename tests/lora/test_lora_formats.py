@@ -619,7 +619,8 @@ def _header_file(path, header: dict, data: bytes = b""):
 
 @pytest.mark.parametrize("make, problem", [
     (lambda p: _raw_file(p, b""), "not a safetensors file"),
-    (lambda p: _raw_file(p, b"PK\x03\x04 this is a zip archive, not safetensors"), "header length"),
+    (lambda p: _raw_file(p, b"PK\x03\x04 this is a zip archive, not safetensors"), "zip archive"),
+    (lambda p: _raw_file(p, b"\x00" * 8 + b"{}"), "header length"),
     (lambda p: _raw_file(p, (200).to_bytes(8, "little") + b"{"), "truncated"),
     (lambda p: _raw_file(p, (5).to_bytes(8, "little") + b"nope!"), "corrupt safetensors header"),
     (lambda p: _header_file(p, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}), "truncated"),
