@@ -169,6 +169,8 @@ class LoraLibrary:
                     raise LoraError(self.outside_sentence(f"The LoRA {name}")) from None
         elif self.confined:
             return find_lora_file(candidate.name, self.folders, sha256)
+        if candidate.is_dir():
+            raise LoraError(f"{candidate} is a folder, not a LoRA file.")
         if candidate.is_file() and (sha256 is None or file_hashes(candidate, None).sha256 == sha256.lower()):
             return candidate
         return find_lora_file(candidate.name, self.folders, sha256)
@@ -182,7 +184,10 @@ class LoraLibrary:
             joined = os.path.normpath(os.path.join(root, path))  # an absolute `path` replaces root here
             if os.path.commonpath([root, joined]) != root:
                 continue
-            real_root, real = os.path.realpath(root), os.path.realpath(joined)
+            try:
+                real_root, real = os.path.realpath(root), os.path.realpath(joined)
+            except (OSError, ValueError):  # e.g. a NUL byte in the name
+                return None
             if os.path.commonpath([real_root, real]) == real_root:
                 return Path(joined)
         return None
@@ -278,6 +283,8 @@ class LoraLibrary:
             path = Path(entry.file).expanduser()
             if self.confined:
                 path = self.find(entry.file, entry.sha256)
+            elif path.is_dir():
+                raise LoraError(f"{path} is a folder, not a LoRA file.")
             elif not path.is_file():
                 try:
                     path = self.find(path.name, entry.sha256)

@@ -73,7 +73,7 @@ class Composition(BaseModel):
     scheduler: Optional[SamplerName] = Field(
         None, description="Sampler for this run, by its A1111 name (Euler, Euler a, DPM++ 2M, DPM++ 2M Karras, "
                           "DPM++ SDE Karras, UniPC, DDIM, LCM); None keeps the model's own (the bundled model's: DDIM).")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**64 - 1, description="Seed of the initial noise (torch's range: 0 … 2⁶⁴−1).")
     loras: list[LoraEntry] = Field(default_factory=list)
     method: str = "regional"
     params: dict[str, Any] = Field(default_factory=dict)

@@ -77,8 +77,7 @@ class StudioState:
         from studio.api import studio_error_sentence
 
         try:
-            composition = self.studio.library.resolve_files(composition)
-            self.studio.check(composition)
+            composition = self.admit(composition)
         except StudioError as exc:
             raise gr.Error(str(exc)) from None
         run = self.session(session_key)
@@ -113,12 +112,19 @@ class StudioState:
                 f"{result.info['unet_passes_per_step']:.2f} UNet passes per step")
         return str(written[0]), gallery, str(preset_path), note
 
+    def admit(self, composition):
+        """The composition as it will run, or a StudioError before anything runs: LoRA files and masks only from
+        the library folders, the method, its parameters and the limits checked."""
+        composition = self.studio.library.resolve_files(composition)
+        self.studio.check(composition)
+        return composition
+
     def stop(self, session_key: str | None) -> str:
         """Stop this session's run (only its own) at the end of the current step."""
         run = self.session(session_key)
         if not run.running:
             return "Nothing of yours is running."
-        run.cancel.set()
+        run.cancel.set()  # before reading the step: the run ends at most one step after the one reported
         return f"Stopping your run (step {run.step} of {run.total})."
 
     def upload(self, file_path: str, name: str | None = None) -> Path:
@@ -260,6 +266,8 @@ def composition_from_text(state: StudioState, text: str, seed=None):
         except json.JSONDecodeError as exc:
             raise StudioError(f"The preset is neither an example's name ({', '.join(example_presets())}) nor valid "
                               f"JSON ({exc.msg} at line {exc.lineno}).") from None
+        if not isinstance(raw, dict):
+            raise StudioError(f"The preset is a JSON {type(raw).__name__}, not a composition (a JSON object).")
         composition = parse_composition(raw, "the preset")
     composition = composition.model_copy(update={"base_model": state.model_ref})
     return composition if seed is None or seed == "" else composition.with_overrides(seed=int(seed))
@@ -513,6 +521,7 @@ def main(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, co
               file=sys.stderr, flush=True)
     state = StudioState(model, config, library, models, limits)
     demo = build_ui(state)
+    demo.studio_state = state  # for Python callers (and tests) of a server started with prevent_thread_lock
     demo.queue(default_concurrency_limit=1, max_size=state.limits.max_queue)
     demo.launch(server_name=host, server_port=port, inbrowser=open_browser, css=CSS, theme=gr.themes.Soft(),
                 prevent_thread_lock=prevent_thread_lock, footer_links=["gradio", "settings"], auth=credentials,

@@ -47,8 +47,12 @@ def read_header(path: Path) -> SafetensorsHeader:
             if length == 0 or length > min(MAX_HEADER_BYTES, size - 8):
                 disguised = _pickle_kind(prefix)
                 if disguised:
+                    from studio.lora.picklescan import unsafe_imports
+
+                    unsafe = unsafe_imports(path)
+                    imports = f" (this one would import {', '.join(unsafe[:3])})" if unsafe else ""
                     raise LoraError(f"{path.name} is {disguised}, not safetensors; pickles can execute code when "
-                                    "loaded, so it is refused unread.")
+                                    f"loaded{imports}, so it is refused unloaded.")
                 if MAX_HEADER_BYTES < length <= size - 8:
                     raise LoraError(f"{path.name} has a {length / 2**20:.0f} MiB safetensors header (metadata); "
                                     f"more than {MAX_HEADER_BYTES // 2**20} MiB is refused, as the safetensors "

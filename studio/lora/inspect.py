@@ -72,8 +72,12 @@ class LoraInfo:
 
 
 def pickle_refusal(path: Path) -> str:
-    return (f"{path.name} is a pickled file ({path.suffix}), which can execute code when loaded; it is refused "
-            "unless you opt in with allow_pickle=True, or convert it to .safetensors.")
+    from studio.lora.picklescan import unsafe_imports
+
+    unsafe = unsafe_imports(path)
+    why = (f"; this one would import {', '.join(unsafe[:3])}, which is code, so it is never loaded"
+           if unsafe else "; it is refused unless you opt in with allow_pickle=True, or convert it to .safetensors")
+    return f"{path.name} is a pickled file ({path.suffix}), which can execute code when loaded{why}."
 
 
 def inspect_lora(path: str | Path) -> LoraInfo:

@@ -18,6 +18,7 @@ from studio.lora.cloneofsimo import cloneofsimo_targets
 from studio.lora.hashes import file_hashes
 from studio.lora.inspect import PICKLE_SUFFIXES, LoraInfo, describe, inspect_with_layout, peft_metadata, pickle_refusal
 from studio.lora.names import diffusers_targets, kohya_targets
+from studio.lora.picklescan import unsafe_imports
 
 
 @dataclass
@@ -134,7 +135,7 @@ def load_lora(path: str | Path, allow_pickle: bool = False) -> LoraWeights:
     even then read with `weights_only=True`."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        if not allow_pickle:
+        if not allow_pickle or unsafe_imports(path):  # opted in or not, a pickle that imports code is never loaded
             raise LoraError(pickle_refusal(path))
         info, layout, tensors = _read_pickle(path)
     else:
