@@ -157,7 +157,7 @@ class LoraLibrary:
 
         if name in self.named:
             return self.named[name]
-        candidate = Path(name).expanduser()
+        candidate = Path(name) if self.confined else Path(name).expanduser()  # a visitor's "~" is not ours
         if self.confined and (candidate.is_absolute() or len(candidate.parts) > 1):
             inside = self.inside(candidate)
             if inside is not None and inside.is_file():
@@ -178,7 +178,7 @@ class LoraLibrary:
     def inside(self, path: str | os.PathLike) -> Path | None:
         """`path` (absolute, or relative to a folder) when it lies inside one of the folders, else None. Decided
         on the normalised text first, so that nothing outside is ever touched, then again with links resolved."""
-        path = Path(path).expanduser()
+        path = Path(path)
         for folder in self.folders:
             root = os.path.abspath(folder)
             joined = os.path.normpath(os.path.join(root, path))  # an absolute `path` replaces root here
@@ -280,12 +280,10 @@ class LoraLibrary:
         painted masks outside its folders."""
         loras = []
         for entry in composition.loras:
-            path = Path(entry.file).expanduser()
-            if self.confined:
-                path = self.find(entry.file, entry.sha256)
-            elif path.is_dir():
+            path = self.find(entry.file, entry.sha256) if self.confined else Path(entry.file).expanduser()
+            if not self.confined and path.is_dir():
                 raise LoraError(f"{path} is a folder, not a LoRA file.")
-            elif not path.is_file():
+            if not self.confined and not path.is_file():
                 try:
                     path = self.find(path.name, entry.sha256)
                 except LoraError:

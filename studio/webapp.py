@@ -468,8 +468,13 @@ def build_ui(state: StudioState) -> gr.Blocks:
 
         preset_in.change(on_preset, preset_in, [prompt, negative, method, params, steps, guidance, seed, sampler]
                          + slot_inputs)
-        example.change(lambda name: on_preset(paths.EXAMPLE_PRESETS / f"{name}.json" if name else None), example,
-                       [prompt, negative, method, params, steps, guidance, seed, sampler] + slot_inputs)
+        def on_example(name):
+            if name and name not in example_presets():  # a client may send any text: only the examples are read
+                raise gr.Error(f"There is no example preset named {name!r}.")
+            return on_preset(paths.EXAMPLE_PRESETS / f"{name}.json" if name else None)
+
+        example.change(on_example, example, [prompt, negative, method, params, steps, guidance, seed, sampler]
+                       + slot_inputs)
 
         def on_assemble(content_label, style_label, finetune_steps, progress=gr.Progress(track_tqdm=True)):
             from studio.training.b4m import make

@@ -71,7 +71,7 @@ BAD_FILES = {
     "huge metadata": (lambda good, p: _huge_metadata(p), "MiB safetensors header"),
     "NaN tensors": (lambda good, p: _rewrite(good, p, lambda t: t[_first_2d(t)].fill_(float("nan"))), "NaN"),
     "Inf tensors": (lambda good, p: _rewrite(good, p, lambda t: t[_first_2d(t)].fill_(float("inf"))), "infinite"),
-    "shapes that fit no layer": (lambda good, p: _rewrite(good, p, _wrong_shape), "shape"),
+    "shapes that fit no layer": (lambda good, p: _rewrite(good, p, _wrong_shape), "does not fit"),
     "empty": (lambda good, p: p.write_bytes(b"") or p, "only 0 bytes"),
     "a folder": (lambda good, p: p.mkdir() or p, "is a folder, not a LoRA file"),
     "a zip pickle renamed": (lambda good, p: torch.save({"w": torch.zeros(2)}, p) or p, "zip archive"),
@@ -129,7 +129,7 @@ def test_a_bad_lora_file_is_one_sentence_and_leaves_the_pipeline_as_it_was(kind,
 
 
 @pytest.mark.parametrize("make, problem", [
-    (lambda p: p.write_text("this is not a PNG") or p, "not a readable PNG image"),
+    (lambda p: (p.write_text("this is not a PNG"), p)[1], "not a readable PNG image"),
     (lambda p: Image.new("RGB", (8, 8)).save(p) or p, "no `lora-studio` PNG chunk"),
     (lambda p: Image.new("RGB", (8, 8)).save(p, format="JPEG") or p, "JPEG image"),
 ])
@@ -223,15 +223,15 @@ def test_limits_default_by_device_and_change_by_environment_and_option(monkeypat
         Limits.for_device("cpu", max_pixels=-5)
 
 
-@pytest.mark.parametrize("request_over, limit, option", [
-    ({"width": 1536, "height": 1024}, "max_pixels", "--max-pixels"),
-    ({"steps": 151}, "max_steps", "--max-steps"),
-    ({"loras": 17}, "max_loras", "--max-loras"),
-    ({"seeds": 65}, "max_images", "--max-images"),
+@pytest.mark.parametrize("request_over, limit, option, low", [
+    ({"width": 128, "height": 128}, "max_pixels", "--max-pixels", 64 * 64),
+    ({"steps": 11}, "max_steps", "--max-steps", 10),
+    ({"loras": 4}, "max_loras", "--max-loras", 3),
+    ({"seeds": 4}, "max_images", "--max-images", 3),
 ])
-def test_a_request_over_a_limit_is_refused_before_anything_runs(request_over, limit, option, tiny_pipe, tiny_folder,
-                                                                good_lora, tmp_path):
-    studio = Studio(tiny_pipe, limits=Limits.for_device("cpu"))
+def test_a_request_over_a_limit_is_refused_before_anything_runs(request_over, limit, option, low, tiny_pipe,
+                                                                tiny_folder, good_lora, tmp_path):
+    studio = Studio(tiny_pipe, limits=Limits.for_device("cpu", **{limit: low}))
     composition = composition_with(good_lora)
     composition["loras"] = composition["loras"] * request_over.get("loras", 1)
     composition.update({k: v for k, v in request_over.items() if k in ("width", "height", "steps")})
@@ -245,14 +245,13 @@ def test_a_request_over_a_limit_is_refused_before_anything_runs(request_over, li
 
     preset = tmp_path / "big.json"
     preset.write_text(json.dumps(composition))
-    args = ["generate", str(preset), "--model", str(tiny_folder), "--out", str(tmp_path / "out")]
+    args = ["generate", str(preset), "--model", str(tiny_folder)]
     if "seeds" in request_over:
         args += ["--seeds", f"0-{request_over['seeds'] - 1}"]
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, [*args, option, str(low), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and f"`{limit}`" in result.output and "denoising" not in result.output
     assert not (tmp_path / "out").exists()
-    raised = runner.invoke(app, [*args[:-2], "--out", str(tmp_path / "ok"), option, "100000", "--steps", "2",
-                                 "--seeds", "0"])
+    raised = runner.invoke(app, [*args, option, str(low * 100), "--out", str(tmp_path / "ok")])
     assert raised.exit_code == 0, raised.output
 
 
@@ -260,7 +259,8 @@ def test_a_batch_with_an_item_over_a_limit_writes_nothing(tiny_folder, good_lora
     manifest = tmp_path / "batch.json"
     manifest.write_text(json.dumps({"items": [{"composition": composition_with(good_lora)},
                                               {"composition": {**composition_with(good_lora), "steps": 400}}]}))
-    result = runner.invoke(app, ["batch", str(manifest), "--model", str(tiny_folder), "--out", str(tmp_path / "out")])
+    result = runner.invoke(app, ["batch", str(manifest), "--model", str(tiny_folder), "--out", str(tmp_path / "out"),
+                                 "--max-steps", "100"])
     assert result.exit_code == 2 and "item 2" in result.output and "`max_steps`" in result.output
     assert not (tmp_path / "out").exists()
 
@@ -330,7 +330,7 @@ def test_serving_opens_no_file_outside_the_allowed_folders(web_state, tmp_path):
     from studio.spec import parse_composition
 
     opened = []
-    watching = [True]
+    watching = [False]
 
     def hook(event, args):
         if watching[0] and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
@@ -344,6 +344,7 @@ def test_serving_opens_no_file_outside_the_allowed_folders(web_state, tmp_path):
     requests = [composition_with(outside / "secret.safetensors"), composition_with(Path("../outside/secret.safetensors")),
                 {**composition_with(Path("alpha.safetensors")),
                  "loras": [{"file": "alpha.safetensors", "region": {"mask": str(outside / "mask.png")}}]}]
+    watching[0] = True
     try:
         for request in requests:
             with pytest.raises((StudioError, gr.Error)):
