@@ -196,9 +196,12 @@ def release_memory() -> None:
 
     import torch
 
+    from studio.api import return_freed_memory
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    return_freed_memory()
 
 
 def example_presets() -> list[str]:
