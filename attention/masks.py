@@ -51,9 +51,8 @@ def image_mask(path_or_image, height: int, width: int) -> torch.Tensor:
     """Soft mask (height, width) in [0, 1] from a greyscale image (white = inside)."""
     from PIL import Image
 
+    # compose.check_composition has refused unreadable and oversized masks before any run reaches here
     image = path_or_image if isinstance(path_or_image, Image.Image) else open_mask_image(path_or_image)
-    if image.size[0] * image.size[1] > MAX_MASK_PIXELS:
-        raise ValueError(f"a mask of {image.size[0]}×{image.size[1]} pixels is too large")
     resized = image.convert("L").resize((width, height), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.asarray(resized, np.float32) / 255.0)
 

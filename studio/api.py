@@ -10,6 +10,7 @@ made by the studio, a dict, or an A1111-style prompt with `<lora:name:weight>` t
 The CLI, the batch runner and the web studio are built on this object."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
@@ -280,17 +281,7 @@ class LoraLibrary:
         painted masks outside its folders."""
         loras = []
         for entry in composition.loras:
-            path = self.find(entry.file, entry.sha256) if self.confined else Path(entry.file).expanduser()
-            if not self.confined and path.is_dir():
-                raise LoraError(f"{path} is a folder, not a LoRA file.")
-            if not self.confined and not path.is_file():
-                try:
-                    path = self.find(path.name, entry.sha256)
-                except LoraError:
-                    folders = ", ".join(str(f) for f in self.folders)
-                    known = f" (sha256 {entry.sha256[:12]}…)" if entry.sha256 else ""
-                    raise LoraError(f"The LoRA {path.name}{known} named in the composition is not in {path.parent} "
-                                    f"nor in the library folders ({folders}).") from None
+            path = self.find(entry.file, entry.sha256) if self.confined else self._local_file(entry)
             update: dict[str, Any] = {"file": str(path)}
             mask = entry.region.mask if entry.region is not None else None
             if self.confined and mask and not mask.startswith("data:"):
@@ -301,6 +292,21 @@ class LoraLibrary:
                 update["region"] = entry.region.model_copy(update={"mask": str(inside)})
             loras.append(entry.model_copy(update=update))
         return composition.model_copy(update={"loras": loras})
+
+    def _local_file(self, entry: LoraEntry) -> Path:
+        """An unconfined entry's file: its path as given, else found by name (and sha256) in the folders."""
+        path = Path(entry.file).expanduser()
+        if path.is_dir():
+            raise LoraError(f"{path} is a folder, not a LoRA file.")
+        if path.is_file():
+            return path
+        try:
+            return self.find(path.name, entry.sha256)
+        except LoraError:
+            folders = ", ".join(str(f) for f in self.folders)
+            known = f" (sha256 {entry.sha256[:12]}…)" if entry.sha256 else ""
+            raise LoraError(f"The LoRA {path.name}{known} named in the composition is not in {path.parent} nor in "
+                            f"the library folders ({folders}).") from None
 
 
 class Studio:
@@ -391,8 +397,8 @@ class Studio:
         if isinstance(seeds, str):
             seeds = parse_seeds(seeds)
         seeds = [composition.seed] if seeds is None else [composition.seed if s is None else int(s) for s in seeds]
-        self.check(composition, images=len(seeds))
-        return Results(self.run(composition.with_overrides(seed=seed), callback) for seed in seeds)
+        self.check(composition, images=len(seeds))  # the seeds change nothing the check looks at
+        return Results(self._run(composition.with_overrides(seed=seed), callback) for seed in seeds)
 
     def check(self, composition: Composition, images: int = 1) -> None:
         """Refuse (StudioError, one sentence) what cannot run or is over the limits, before any work starts."""
@@ -402,9 +408,12 @@ class Studio:
 
     def run(self, composition: Composition, callback: Callable | None = None) -> Result:
         """One composition, as given (files already resolved), one image."""
+        self.check(composition)
+        return self._run(composition, callback)
+
+    def _run(self, composition: Composition, callback: Callable | None) -> Result:
         from studio.compose import compose, load_entries
 
-        self.check(composition)
         with self._lock:
             start = time.perf_counter()
             loaded = load_entries(composition, self.library.load)
@@ -423,22 +432,21 @@ def return_freed_memory() -> None:
     """Give the memory a run freed back to the system. glibc's allocator keeps freed blocks of a run's big
     temporary tensors in its arenas, so a long-running studio's resident memory creeps up by tens of MB an hour
     with nothing alive (`studio bench soak`); malloc_trim returns them. Elsewhere: nothing to do."""
-    global _libc
-    if _libc is None:
-        import ctypes
-        import ctypes.util
-
-        name = ctypes.util.find_library("c") if os.name == "posix" else None
-        try:
-            _libc = ctypes.CDLL(name) if name else False
-            _libc = _libc if _libc and hasattr(_libc, "malloc_trim") else False
-        except OSError:
-            _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_libc = None
+@functools.cache
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c") if os.name == "posix" else None
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
 
 
 def model_folders(root: str | os.PathLike | None):

@@ -331,9 +331,8 @@ def run_batch(manifest: Manifest | Path, out_dir: Path, model: str | None = None
     lora_library = studio.library if studio is not None else LoraLibrary(library, found.lora_folders if found else ())
     if limits is None:
         from studio.limits import Limits
-        from studio.models import choose_placement
 
-        limits = studio.limits if studio is not None else Limits.for_device(choose_placement().device)
+        limits = studio.limits if studio is not None else Limits.for_device()
     items = expand_manifest(manifest, Path.cwd(), lora_library, limits)
     if model is not None or studio is not None:  # one model for every item
         items = [BatchItem(i.composition.model_copy(update={"base_model": model if studio is None else

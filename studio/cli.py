@@ -36,10 +36,9 @@ MaxImages = Annotated[Optional[int], typer.Option("--max-images", help="Limit: i
 
 def limits_from_options(device: str | None = None, upload_mb: float | None = None, **values):
     from studio.limits import Limits
-    from studio.models import choose_placement
 
-    return Limits.for_device(device or choose_placement().device,
-                             max_upload_bytes=None if upload_mb is None else int(upload_mb * 2**20), **values)
+    return Limits.for_device(device, max_upload_bytes=None if upload_mb is None else int(upload_mb * 2**20),
+                             **values)
 
 
 def fail(message: str, as_json: bool = False) -> None:

@@ -41,9 +41,13 @@ class Limits(BaseModel):
     max_queue: int = Field(64, ge=1)
 
     @classmethod
-    def for_device(cls, device: str = "cpu", **overrides: Any) -> "Limits":
-        """The defaults for a device (CPU: 1024² pixels; CUDA: 4096²), then the environment, then `overrides`
-        (None values ignored)."""
+    def for_device(cls, device: str | None = None, **overrides: Any) -> "Limits":
+        """The defaults for a device (CPU: 1024² pixels; CUDA: 4096²; None: the device this machine runs on),
+        then the environment, then `overrides` (None values ignored)."""
+        if device is None:
+            from studio.models import choose_placement
+
+            device = choose_placement().device
         values: dict[str, Any] = {"max_pixels": 4096 * 4096 if str(device).startswith("cuda") else 1024 * 1024}
         for name, (variable, _, unit) in SETTINGS.items():
             text = os.environ.get(variable)
@@ -82,9 +86,3 @@ class Limits(BaseModel):
         if size > self.max_upload_bytes:
             raise self.refuse("max_upload_bytes", f"The upload {name} ({size / 2**20:.1f} MiB)",
                               f"{self.max_upload_bytes / 2**20:.0f} MiB")
-
-    def table(self) -> list[tuple[str, str, str, str]]:
-        """(limit, value, environment variable, CLI option) for the README and `studio limits`."""
-        shown = {"max_upload_bytes": f"{self.max_upload_bytes / 2**20:.0f} MiB"}
-        return [(name, shown.get(name, f"{getattr(self, name):,}"), variable, option)
-                for name, (variable, option, _) in SETTINGS.items()]

@@ -163,14 +163,20 @@ def load_preset(path: Path) -> Composition:
         raise PresetError(f"{path.name} is not a text file (not UTF-8), so not a preset.") from None
     except OSError as exc:
         raise PresetError(f"The preset {path.name} cannot be read ({exc.strerror or exc}).") from None
+    return _resolve_paths(composition_from_json(data, path.name), path.parent)
+
+
+def composition_from_json(text: str, source: str) -> Composition:
+    """A composition from preset JSON text; `source` names it in the refusal."""
+    if len(text) > MAX_PRESET_BYTES:
+        raise PresetError(f"{source} is over {MAX_PRESET_BYTES // 2**20} MiB; a preset is at most that.")
     try:
-        raw = json.loads(data)
+        raw = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise PresetError(f"{path.name} is not valid JSON ({exc.msg} at line {exc.lineno}).") from None
+        raise PresetError(f"{source} is not valid JSON ({exc.msg} at line {exc.lineno}).") from None
     if not isinstance(raw, dict):
-        raise PresetError(f"{path.name} holds a JSON {type(raw).__name__}, not a composition (a JSON object).")
-    composition = parse_composition(raw, path.name)
-    return _resolve_paths(composition, path.parent)
+        raise PresetError(f"{source} holds a JSON {type(raw).__name__}, not a composition (a JSON object).")
+    return parse_composition(raw, source)
 
 
 def _png_composition(path: Path) -> str:

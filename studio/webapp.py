@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -130,8 +131,8 @@ class StudioState:
     def upload(self, file_path: str, name: str | None = None) -> Path:
         """Add an uploaded LoRA to the library's uploads folder: size within the limit, .safetensors only (a
         pickle never), inspected before it is kept; returns where it went."""
-        from studio.files import write_bytes_atomic
         from studio.lora import inspect_lora
+        from studio.lora.hashes import file_hashes
 
         source = Path(file_path)
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name or source.name).name).strip("._") or "upload.safetensors"
@@ -139,15 +140,16 @@ class StudioState:
             raise StudioError(f"The upload {name} is not a .safetensors file; only safetensors LoRAs are accepted "
                               "(pickled .pt/.ckpt/.bin files can execute code).")
         self.limits.check_upload(name, source.stat().st_size)
-        staging = self.upload_folder / ".staging" / f"{uuid.uuid4().hex}-{name}"
-        write_bytes_atomic(staging, source.read_bytes())
+        staging = self.upload_folder / ".staging" / f"{uuid.uuid4().hex}-{name}"  # a unique name: never half-seen
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, staging)
         try:
             info = inspect_lora(staging)
             if info.base_model and self.family and info.base_model not in (self.family, "unknown"):
                 raise StudioError(f"The upload {name} is a LoRA for {info.base_model}, not for this studio's "
                                   f"{self.family} model.")
             target = self.upload_folder / name
-            if target.exists() and target.read_bytes() != staging.read_bytes():
+            if target.exists() and file_hashes(target, None).sha256 != info.sha256:
                 target = target.with_name(f"{target.stem}-{info.sha256[:8]}{target.suffix}")
             staging.replace(target)
         finally:
@@ -256,22 +258,13 @@ def composition_from_ui(state: StudioState, prompt, negative, method, params_jso
 
 def composition_from_text(state: StudioState, text: str, seed=None):
     """A composition from preset JSON text or the name of an example preset, on this studio's model."""
-    from studio.spec import MAX_PRESET_BYTES
+    from studio.spec import composition_from_json
 
     text = (text or "").strip()
     if text in example_presets():
         composition = load_preset(paths.EXAMPLE_PRESETS / f"{text}.json")
     else:
-        if len(text) > MAX_PRESET_BYTES:
-            raise StudioError(f"The preset text is over {MAX_PRESET_BYTES // 2**20} MiB.")
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise StudioError(f"The preset is neither an example's name ({', '.join(example_presets())}) nor valid "
-                              f"JSON ({exc.msg} at line {exc.lineno}).") from None
-        if not isinstance(raw, dict):
-            raise StudioError(f"The preset is a JSON {type(raw).__name__}, not a composition (a JSON object).")
-        composition = parse_composition(raw, "the preset")
+        composition = composition_from_json(text, "The preset (an example's name or composition JSON)")
     composition = composition.model_copy(update={"base_model": state.model_ref})
     return composition if seed is None or seed == "" else composition.with_overrides(seed=int(seed))
 
@@ -420,7 +413,7 @@ def build_ui(state: StudioState) -> gr.Blocks:
         on_generate.__annotations__ = {"request": gr.Request}
         run.click(on_generate, [prompt, negative, method, params, steps, guidance, seed, sampler] + slot_inputs,
                   [image, maps, preset_out, info], api_name="generate")
-        stop_note = gr.Markdown(elem_classes="small-note", visible=True)
+        stop_note = gr.Markdown(elem_classes="small-note")
 
         def on_stop(request: gr.Request):
             return state.stop(request.session_hash)
