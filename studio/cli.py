@@ -226,19 +226,47 @@ def _load_pipe(model, device, dtype, config):
 
 
 @app.command()
-def inspect(lora_file: Path = typer.Argument(..., help="A LoRA file."),
-            as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
-    """Identify a LoRA file without loading its tensors."""
+def inspect(lora_files: list[Path] = typer.Argument(..., help="LoRA files, or folders of them (searched recursively)."),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+            hashes: Optional[bool] = typer.Option(None, "--hashes/--no-hashes",
+                                                  help="Compute the files' hashes (they read each whole file once; "
+                                                       "then cached). Default: for single files, not for folders.")):
+    """Identify LoRA files without loading their tensors; a folder is listed as the library lists it."""
     from studio.lora.inspect import inspect_lora
+    from studio.lora.library import scan_library
 
-    try:
-        info = inspect_lora(lora_file)
-    except StudioError as exc:
-        fail(str(exc), as_json)
+    if len(lora_files) == 1 and not lora_files[0].is_dir():
+        try:
+            info = inspect_lora(lora_files[0])
+        except StudioError as exc:
+            fail(str(exc), as_json)
+        if as_json:
+            print(json.dumps(info.to_json(hashes=hashes is not False), indent=1))
+        else:
+            typer.echo(info.summary() if hashes is not False else info.summary(hashes=False))
+        return
+    entries = []
+    for path in lora_files:
+        if path.is_dir():
+            entries += scan_library(path)
+        else:
+            from studio.lora.library import inspect_entry
+
+            entry = inspect_entry(path)
+            if entry is None:
+                fail(f"{path} does not exist." if not path.exists() else f"{path} is not a regular file.", as_json)
+            entries.append(entry)
     if as_json:
-        print(json.dumps(info.to_json(), indent=1))
-    else:
-        typer.echo(info.summary())
+        print(json.dumps([entry.to_json(hashes=bool(hashes)) for entry in entries], indent=1))
+        return
+    for entry in entries:
+        info = entry.info
+        if info is None:
+            typer.echo(f"{entry.path}  unusable: {entry.error}")
+            continue
+        short = f"  {info.short_hash or info.model_hash}" if hashes else ""
+        typer.echo(f"{entry.path}  {info.format}  {info.base_model or 'unknown base'}  rank {info.rank or 'full'}"
+                   f"  {', '.join(info.trigger_words) or '-'}{short}")
 
 
 @app.command("models")

@@ -69,12 +69,27 @@ def _compute(path: Path, data_start: int | None) -> FileHashes:
     return FileHashes(whole.hexdigest(), tensors.hexdigest() if tensors is not None else None)
 
 
+_memo: dict = {}  # cache file -> ((mtime_ns, size), its entries): read again only when another process changed it
+
+
 def _load_cache() -> dict:
+    """The cache file's entries, parsed once per change of the file (a library of 500 files asks 500 times)."""
+    file = cache_dir() / CACHE_FILE
     try:
-        data = json.loads((cache_dir() / CACHE_FILE).read_text())
-        return data if isinstance(data, dict) else {}
+        stat = file.stat()
+    except OSError:
+        return {}
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    known = _memo.get(file)
+    if known is not None and known[0] == stamp:
+        return known[1]
+    try:
+        data = json.loads(file.read_text())
+        data = data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+    _memo[file] = (stamp, data)
+    return data
 
 
 def _store(key: str, entry: dict) -> None:
@@ -87,7 +102,7 @@ def _store(key: str, entry: dict) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with FileLock(str(folder / f"{CACHE_FILE}.lock"), timeout=30):
-            cache = _load_cache()
+            cache = dict(_load_cache())
             cache[key] = entry
             tmp = folder / f"{CACHE_FILE}.{os.getpid()}.tmp"
             tmp.write_text(json.dumps(cache, indent=0, sort_keys=True))

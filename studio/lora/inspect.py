@@ -3,6 +3,7 @@ modules, trigger words and the hashes other tools show. Tensors are never loaded
 `alpha` values are read with a seek each)."""
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -39,21 +40,41 @@ class LoraInfo:
     components: dict[str, int]  # modules per component
     has_text_encoder: bool
     trigger_words: list[str]
-    sha256: str
-    model_hash: str
-    short_hash: str | None
     dora: bool
     title: str | None
     embeddings: list[str] = field(default_factory=list)  # textual-inversion words loaded with the layers
     problems: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict, repr=False)
+    # the file's hashes, computed on first use (a library scan reads headers only): FileHashes, or a callable
+    # returning them
+    hash_source: "FileHashes | Callable[[], FileHashes] | None" = field(default=None, repr=False, compare=False)
 
-    def to_json(self) -> dict:
-        data = asdict(self)
-        data.pop("metadata")
+    def hashes(self) -> FileHashes:
+        if not isinstance(self.hash_source, FileHashes):
+            self.hash_source = self.hash_source() if self.hash_source is not None else file_hashes(Path(self.path), None)
+        return self.hash_source
+
+    @property
+    def sha256(self) -> str:
+        return self.hashes().sha256
+
+    @property
+    def model_hash(self) -> str:
+        return self.hashes().model_hash
+
+    @property
+    def short_hash(self) -> str | None:
+        return self.hashes().short_hash
+
+    def to_json(self, hashes: bool = True) -> dict:
+        """Everything but the raw metadata; `hashes=False` leaves out the hashes (they read the whole file the first
+        time)."""
+        data = {k: v for k, v in asdict(self).items() if k not in ("metadata", "hash_source")}
+        if hashes:
+            data.update(sha256=self.sha256, model_hash=self.model_hash, short_hash=self.short_hash)
         return data
 
-    def summary(self) -> str:
+    def summary(self, hashes: bool = True) -> str:
         """A few readable lines for `studio inspect` without --json."""
         lines = [f"{self.name}  ({self.title})" if self.title else self.name,
                  f"  format      {self.format}{' + DoRA' if self.dora else ''}",
@@ -65,8 +86,8 @@ class LoraInfo:
                  f"  triggers    {', '.join(self.trigger_words) or '-'}",
                  *([f"  embeddings  {', '.join(self.embeddings)} (words the file teaches the text encoder)"]
                    if self.embeddings else []),
-                 f"  hashes      model {self.model_hash}   short {self.short_hash or '-'}",
-                 f"  sha256      {self.sha256}"]
+                 *([f"  hashes      model {self.model_hash}   short {self.short_hash or '-'}",
+                    f"  sha256      {self.sha256}"] if hashes else [])]
         lines += [f"  note        {problem}" for problem in self.problems]
         return "\n".join(lines)
 
@@ -97,13 +118,15 @@ def inspect_with_layout(path: str | Path) -> tuple[LoraInfo, K.KeyLayout]:
     layout = K.parse_keys(path.name, list(header.tensors))
     info = describe(path, layout, header.shapes(), header.metadata,
                     read_alpha=lambda key: read_scalar(path, header, key),
-                    hashes=file_hashes(path, header.data_start))
+                    hashes=functools.partial(file_hashes, path, header.data_start))
     return info, layout
 
 
 def describe(path: Path, layout: K.KeyLayout, shapes: Mapping[str, tuple[int, ...]], metadata: dict[str, str],
-             read_alpha: Callable[[str], float | None], hashes: FileHashes) -> LoraInfo:
-    """The LoraInfo of a parsed layout; shared by header inspection and opted-in pickles."""
+             read_alpha: Callable[[str], float | None],
+             hashes: "FileHashes | Callable[[], FileHashes]") -> LoraInfo:
+    """The LoraInfo of a parsed layout; shared by header inspection and opted-in pickles. `hashes` may be a callable:
+    they are then computed when first asked for."""
     ranks = [r for r in (module_rank(m.parts, shapes) for m in layout.modules) if r is not None]
     components = Counter(m.component for m in layout.modules)
     problems = []
@@ -117,10 +140,9 @@ def describe(path: Path, layout: K.KeyLayout, shapes: Mapping[str, tuple[int, ..
         components={c: components[c] for c in K.COMPONENTS if components[c]},
         has_text_encoder=any(c != K.UNET for c in components),
         trigger_words=list(dict.fromkeys([*layout.embeddings, *trigger_words(metadata)])),
-        sha256=hashes.sha256, model_hash=hashes.model_hash, short_hash=hashes.short_hash,
         dora=any("magnitude" in m.parts for m in layout.modules),
         title=metadata.get("modelspec.title") or metadata.get("ss_output_name") or None,
-        embeddings=list(layout.embeddings), problems=problems, metadata=metadata)
+        embeddings=list(layout.embeddings), problems=problems, metadata=metadata, hash_source=hashes)
 
 
 def module_rank(parts: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]]) -> int | None:

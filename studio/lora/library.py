@@ -3,6 +3,7 @@ be used (pickles, corrupt or unknown files) are listed with the reason, never hi
 from __future__ import annotations
 
 import os
+import stat as stat_module
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +26,9 @@ class LibraryEntry:
     def usable(self) -> bool:
         return self.info is not None
 
-    def to_json(self) -> dict:
+    def to_json(self, hashes: bool = True) -> dict:
         if self.info is not None:
-            return {"usable": True, **self.info.to_json()}
+            return {"usable": True, **self.info.to_json(hashes=hashes)}
         return {"usable": False, "path": str(self.path), "name": self.name, "error": self.error}
 
 
@@ -40,19 +41,37 @@ def library_folder(folder: str | Path | None = None) -> Path:
 
 
 def scan_library(folder: str | Path | None = None) -> list[LibraryEntry]:
-    """Every LoRA-like file under the folder (recursively), sorted by path; an absent folder is empty."""
+    """Every LoRA-like file under the folder (recursively), sorted by path; an absent folder is empty. Only headers
+    are read, and only of files new or changed since the last scan in this process; hashes wait until asked for."""
     root = library_folder(folder)
     if not root.is_dir():
         return []
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in LORA_SUFFIXES)
-    return [inspect_entry(path) for path in files]
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in LORA_SUFFIXES)
+    return [entry for entry in map(inspect_entry, files) if entry is not None]
 
 
-def inspect_entry(path: Path) -> LibraryEntry:
+_scanned: dict[Path, tuple[tuple[int, int], LibraryEntry]] = {}  # path -> ((size, mtime_ns), its entry)
+
+
+def inspect_entry(path: Path) -> LibraryEntry | None:
+    """The library's entry for one file, from the last scan when the file has not changed; None if it is gone or is
+    not a regular file."""
     try:
-        return LibraryEntry(path, inspect_lora(path), None)
+        stat = path.stat()
+    except OSError:
+        return None
+    if not stat_module.S_ISREG(stat.st_mode):
+        return None
+    stamp = (stat.st_size, stat.st_mtime_ns)
+    known = _scanned.get(path)
+    if known is not None and known[0] == stamp:
+        return known[1]
+    try:
+        entry = LibraryEntry(path, inspect_lora(path), None)
     except LoraError as exc:
-        return LibraryEntry(path, None, str(exc))
+        entry = LibraryEntry(path, None, str(exc))
+    _scanned[path] = (stamp, entry)
+    return entry
 
 
 def find_lora_file(name: str, folders: list[Path], sha256: str | None = None) -> Path:

@@ -47,6 +47,8 @@ def test_hashes_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     path = small_lora(tmp_path / "cached.safetensors")
     first = inspect_lora(path)
     cache_file = tmp_path / "cache" / hashes.CACHE_FILE
+    assert not cache_file.exists()  # inspection reads the header only; hashes wait until asked for
+    first.sha256
     assert str(path.resolve()) in json.loads(cache_file.read_text())
 
     def no_hashing(*_args):
@@ -59,7 +61,7 @@ def test_hashes_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     with pytest.raises(AssertionError, match="cache should have answered"):
-        inspect_lora(path)
+        inspect_lora(path).sha256
     monkeypatch.undo()
     monkeypatch.setenv("LORA_STUDIO_CACHE", str(tmp_path / "cache"))
     assert inspect_lora(path).sha256 == hashlib.sha256(path.read_bytes()).hexdigest() != first.sha256
@@ -110,9 +112,32 @@ def test_two_processes_hashing_at_once_both_keep_their_entries(tmp_path):
 
     files = [small_lora(tmp_path / f"f{i}.safetensors", seed=i) for i in range(12)]
     script = ("import sys; from pathlib import Path; from studio.lora.inspect import inspect_lora\n"
-              "for p in sys.argv[1:]: inspect_lora(Path(p))")
+              "for p in sys.argv[1:]: inspect_lora(Path(p)).sha256")
     env = {**os.environ, "LORA_STUDIO_CACHE": str(tmp_path / "cache")}
     writers = [subprocess.Popen([sys.executable, "-c", script, *map(str, files[k::2])], env=env) for k in (0, 1)]
     assert [w.wait(timeout=120) for w in writers] == [0, 0]
     cached = json.loads((tmp_path / "cache" / hashes.CACHE_FILE).read_text())
     assert {str(p.resolve()) for p in files} <= set(cached)
+
+
+def test_a_rescan_reads_only_new_or_changed_files_and_never_hashes(tmp_path, monkeypatch):
+    from studio.lora import library
+    from studio.lora.inspect import inspect_lora as real_inspect
+
+    folder = tmp_path / "lib"
+    folder.mkdir()
+    for i in range(3):
+        small_lora(folder / f"l{i}.safetensors", seed=i)
+    monkeypatch.setattr(hashes, "_compute", lambda *_a: (_ for _ in ()).throw(AssertionError("hashed on a scan")))
+    first = library.scan_library(folder)
+    assert [e.name for e in first] == ["l0.safetensors", "l1.safetensors", "l2.safetensors"]
+    assert all(e.usable and "sha256" not in e.to_json(hashes=False) for e in first)
+    reads = []
+    monkeypatch.setattr(library, "inspect_lora", lambda p: reads.append(p.name) or real_inspect(p))
+    assert library.scan_library(folder) == first and reads == []
+    small_lora(folder / "l1.safetensors", seed=7)
+    stat = (folder / "l1.safetensors").stat()
+    os.utime(folder / "l1.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    (folder / "l2.safetensors").unlink()
+    again = library.scan_library(folder)
+    assert reads == ["l1.safetensors"] and [e.name for e in again] == ["l0.safetensors", "l1.safetensors"]
