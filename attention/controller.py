@@ -38,6 +38,9 @@ class CompositionController:
     contexts: list[CrossContext] = field(default_factory=list)
     isolate_concepts: bool = False
     store: AttentionStore | None = None
+    # cross-attention keys and values per (layer, context): they depend on the text alone, so one generation computes
+    # them once (processors record them here; `cross_kv_key` says when they may)
+    cross_kv: dict = field(default_factory=dict, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
     # --- grids and masks -------------------------------------------------------------------------
@@ -65,6 +68,28 @@ class CompositionController:
                 background = torch.ones(rows, cols)
             self._cache[key] = [weights.get(c.name, background).flatten() for c in self.contexts]
         return self._cache[key]
+
+    def context_support(self, rows: int, cols: int) -> list[torch.Tensor | None]:
+        """Per context, the token indices where its blend weight is not zero, or None where that is every token:
+        a context's attention need only be computed there."""
+        key = ("support", rows, cols, len(self.contexts))
+        if key not in self._cache:
+            supports = []
+            for weight in self.context_weights(rows, cols):
+                indices = torch.nonzero(weight, as_tuple=True)[0]
+                supports.append(None if len(indices) == len(weight) else indices)
+            self._cache[key] = supports
+        return self._cache[key]
+
+    @staticmethod
+    def cross_kv_key(layer: str, context: CrossContext) -> tuple | None:
+        """The key under which a context's keys and values at `layer` are kept for the generation, or None when they
+        must be computed each time (text embeddings that carry gradients)."""
+        embeddings = context.embeddings
+        if embeddings.requires_grad:
+            return None
+        return (layer, context.name, embeddings.data_ptr(), tuple(embeddings.shape), embeddings.dtype,
+                tuple(context.adapters) if context.adapters is not None else None)
 
     def isolation_at(self, rows: int, cols: int) -> torch.Tensor | None:
         regional = [c.mask for c in self.contexts if c.mask is not None]
@@ -110,7 +135,7 @@ class CompositionController:
     def override(self, **changes) -> Iterator["CompositionController"]:
         """Fields set for the duration of a block (e.g. a guidance pass over the conditional rows only, with its
         own attention store), then put back as they were, whatever happens; the cached masks follow."""
-        names = {f.name for f in fields(self)} - {"_cache"}
+        names = {f.name for f in fields(self)} - {"_cache", "cross_kv"}
         unknown = sorted(set(changes) - names)
         if unknown:
             raise AttributeError(f"CompositionController has no field {unknown[0]!r}")

@@ -83,8 +83,6 @@ class StudioAttnProcessor:
         return _merge_heads(out)
 
     def _cross_attention(self, attn, encoder_hidden_states, query, n_queries, store):
-        from studio.lora.inject import only_adapters
-
         ctrl = self.controller
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
@@ -96,23 +94,49 @@ class StudioAttnProcessor:
                 store.record(self.name, "global", probs)
             return _merge_heads(out)
 
-        weights = ctrl.context_weights(*ctrl.grid(n_queries))
+        grid = ctrl.grid(n_queries)
+        weights, supports = ctrl.context_weights(*grid), ctrl.context_support(*grid)
         blended = None
-        for context, weight in zip(ctrl.contexts, weights):
+        for context, weight, support in zip(ctrl.contexts, weights, supports):
             if store is None and not bool(weight.any()):
                 continue
-            embeddings = context.embeddings.to(query.dtype)
-            if attn.norm_cross:
-                embeddings = attn.norm_encoder_hidden_states(embeddings)
-            with only_adapters([attn.to_k, attn.to_v], context.adapters):
-                key = _split_heads(attn.to_k(embeddings), attn.heads)
-                value = _split_heads(attn.to_v(embeddings), attn.heads)
+            key, value = self._context_keys_values(attn, context, query.dtype)
+            weight = weight.to(query.dtype).to(query.device)
+            if store is None and support is not None:
+                # only the queries this context is blended into (its region): the others' outputs would be × 0
+                support = support.to(query.device)
+                out, _ = attend(query[:, :, support], key, value)
+                contribution = _merge_heads(out) * weight[support][None, :, None]
+                if blended is None:
+                    blended = query.new_zeros(query.shape[0], n_queries, contribution.shape[-1])
+                blended = blended.index_add(1, support, contribution)
+                continue
             out, probs = attend(query, key, value, want_probs=store is not None)
             if store is not None:
                 store.record(self.name, context.name, probs)
-            contribution = _merge_heads(out) * weight.to(query.dtype).to(query.device)[None, :, None]
+            contribution = _merge_heads(out) * weight[None, :, None]
             blended = contribution if blended is None else blended + contribution
         return blended
+
+    def _context_keys_values(self, attn, context, dtype):
+        """A context's keys and values at this layer (its own adapters active in to_k / to_v), computed once per
+        generation when its embeddings carry no gradient."""
+        from studio.lora.inject import only_adapters
+
+        cache_key = self.controller.cross_kv_key(self.name, context)
+        if cache_key is not None and cache_key in self.controller.cross_kv:
+            return self.controller.cross_kv[cache_key]
+        embeddings = context.embeddings.to(dtype)
+        if attn.norm_cross:
+            embeddings = attn.norm_encoder_hidden_states(embeddings)
+        with only_adapters([attn.to_k, attn.to_v], context.adapters):
+            key = _split_heads(attn.to_k(embeddings), attn.heads)
+            value = _split_heads(attn.to_v(embeddings), attn.heads)
+        if cache_key is not None:
+            if torch.is_grad_enabled():
+                key, value = key.detach(), value.detach()
+            self.controller.cross_kv[cache_key] = (key, value)
+        return key, value
 
 
 def install_processors(unet, controller: CompositionController) -> dict:

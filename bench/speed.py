@@ -2,8 +2,9 @@
 official code runs it (bench/speed_references.py), all measured in one run.
 
 Per row: seconds per denoising step (the median of the measured steps after one warm-up step) and peak memory
-during the run (resident-memory growth on CPU, sampled every 2 ms; torch.cuda.max_memory_allocated on GPU), each
-as a ratio to one LoRA on the same model in the same run. Guided methods are timed on guided steps (the costly
+until the last step (resident-memory growth on CPU, sampled every 2 ms; torch.cuda.max_memory_allocated on GPU;
+the VAE decoding after it, the same for every method, is reported apart), each as a ratio to one LoRA on the same
+model in the same run. Guided methods are timed on guided steps (the costly
 ones; every step of a 20-step run may be one); CLoRA's whole-generation ratio adds its 2 × 19 repeated guidance
 iterations of the default schedule, timed in the same run. Then, beyond one image: the time from `studio serve`
 and from `Studio.load()` to a first image, and `studio inspect` / the library scan on 500 LoRA files.
@@ -74,6 +75,12 @@ class PeakMemory:
         while not self.done.wait(0.002):
             self.high = max(self.high, self.process.memory_info().rss)
 
+    def so_far(self) -> int:
+        """The peak until now."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated() - self.base
+        return max(self.high, self.process.memory_info().rss) - self.base
+
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -89,20 +96,22 @@ def measure(pipe, composition, method_context=None) -> dict:
     """Run a composition, timing each step; with `method_context` (a context manager) the method runs inside it."""
     from studio.compose import compose
 
-    stamps = []
+    stamps, denoising_peak = [], []
     device = pipe.unet.device
 
-    def tick(_info):
+    def tick(info):
         if device.type == "cuda":
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
+        if info.step == info.total - 1:
+            denoising_peak.append(memory.so_far())
 
     with (method_context or nullcontext()), PeakMemory(device) as memory:
         start = time.perf_counter()
         result = compose(pipe, composition, callback=tick)
     steps = [b - a for a, b in zip([start] + stamps[:-1], stamps)]
-    return {"steps": steps, "peak": memory.peak, "latents": result.latents.float().cpu(),
-            "passes": result.info.get("unet_passes_per_step")}
+    return {"steps": steps, "peak": denoising_peak[0], "peak_with_decoding": memory.peak,
+            "latents": result.latents.float().cpu(), "passes": result.info.get("unet_passes_per_step")}
 
 
 # --- the compositions ---------------------------------------------------------------------------------------
@@ -221,7 +230,9 @@ def model_rows(model: str, ns: list[int], size: int, steps: int, device: str, dt
         row = {"method": method, "n": n, "model": model, "way": way, "s_per_step": round(run["s_per_step"], 4),
                "ratio": round(run["s_per_step"] / one["s_per_step"], 3),
                "peak_mem_ratio": round(run["peak"] / max(one["peak"], 1), 3),
-               "peak_mem_mb": round(run["peak"] / 1e6, 1), "unet_passes_per_step": run["passes"]}
+               "peak_mem_mb": round(run["peak"] / 1e6, 1),
+               "peak_mem_with_decoding_mb": round(run["peak_with_decoding"] / 1e6, 1),
+               "unet_passes_per_step": run["passes"]}
         if run["guidance_iteration"] is not None:
             # the default schedule on 20 steps: every step guided, and 19 more iterations at steps 0 and 10
             whole = (20 * run["s_per_step"] + 38 * run["guidance_iteration"]) / 20

@@ -4,10 +4,11 @@ sampler), so the benchmark compares only the way the passes are run.
 
 - clora: N+1 separate classifier-free-guidance passes per step (one per prompt, each with its own LoRA
   switched on), and for the latent update N+1 separate conditional passes whose maps feed one loss, with one
-  backward through all of them (the official pipeline's loop over prompts). Same maths as `clora`.
+  backward through all of them (the official pipeline's loop over prompts), each through the whole UNet. Same
+  maths as `clora`.
 - lora_composer: explicit softmax attention in every layer, the concept-isolation mask as a dense float
-  (batch, heads, queries, keys) tensor of 0 / −inf added to the scores (the official attention processors).
-  Same maths as `lora_composer`.
+  (batch, heads, queries, keys) tensor of 0 / −inf added to the scores (the official attention processors), and
+  guidance passes through the whole UNet. Same maths as `lora_composer`.
 - regional: one full pass per region with only that region's LoRA and prompt, plus one for the background,
   the noise predictions blended by the masks (A1111 Regional Prompter's latent mode, ComfyUI's hook LoRAs). Not
   the same maths as `regional`, which blends inside cross-attention.
@@ -25,6 +26,7 @@ from attention.masks import blend_weights
 from attention.store import AttentionStore
 from composers.base import Composer, cfg_prediction
 from composers.clora import ClorComposer
+from composers.lora_composer import LoraComposer
 from composers.regional import RegionalParams, latent_region
 from studio.engine import Session, classifier_free_guidance, unet_pass
 from studio.lora.inject import only_adapters
@@ -84,6 +86,17 @@ def explicit_attend(query, key, value, mask=None, want_probs=False):
     return probs @ value, (probs if want_probs else None)
 
 
+class LoraComposerFullPasses(LoraComposer):
+    """LoRA-Composer whose guidance passes run the whole UNet, as the official pipeline's do (with the explicit
+    attention of `explicit_attend`)."""
+
+    def _conditional_forward(self, session, latents, t, keep_grad):
+        store = AttentionStore(self.map_layers, keep_grad=keep_grad)
+        with session.controller.override(contexts=self._conditional_contexts(session), store=store):
+            unet_pass(session.pipe, latents, t, self.cond.rows(slice(-1, None)))
+        return store
+
+
 class LatentRegions(Composer):
     """Regional LoRA in latent mode: a background pass and one pass per region per step, blended by mask."""
     Params = RegionalParams
@@ -118,7 +131,7 @@ class LatentRegions(Composer):
         return 1.0 + len(self.regions)
 
 
-REFERENCES = {"clora": CLoRASeparatePasses, "regional": LatentRegions}  # lora_composer: its own composer
+REFERENCES = {"clora": CLoRASeparatePasses, "lora_composer": LoraComposerFullPasses, "regional": LatentRegions}
 
 
 OFFICIAL_PARAMS = {"composite": {"batched": False}}  # references that are a parameter of the studio's method
@@ -130,8 +143,9 @@ def official_way(method: str) -> Iterator[None]:
     if method in OFFICIAL_PARAMS:
         yield
         return
-    patches = [mock.patch("attention.processors.attend", explicit_attend)] if method == "lora_composer" else \
-        [mock.patch("studio.compose.get_composer", lambda name: REFERENCES[method])]
+    patches = [mock.patch("studio.compose.get_composer", lambda name: REFERENCES[method])]
+    if method == "lora_composer":
+        patches.append(mock.patch("attention.processors.attend", explicit_attend))
     with contextlib.ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch)

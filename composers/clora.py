@@ -19,7 +19,7 @@ from attention.processors import composer_layers, install_processors
 from attention.store import AttentionStore
 from attention.tokens import deal_tokens, word_occurrences
 from composers.base import Composer, interleave_cfg, row_selectors
-from studio.engine import Session, classifier_free_guidance, unet_pass
+from studio.engine import Session, classifier_free_guidance, unet_pass, unet_pass_until
 from studio.errors import PresetError
 
 
@@ -148,8 +148,8 @@ class ClorComposer(Composer):
         store = AttentionStore(self.map_layers, keep_grad=keep_grad)
         conditional_rows = {k: v[-self.n_rows:] for k, v in ctrl.adapter_batch_rows.items()}
         with ctrl.override(adapter_batch_rows=conditional_rows, store=store):
-            unet_pass(session.pipe, latents.expand(self.n_rows, -1, -1, -1), t,
-                      self.cond.rows(slice(-self.n_rows, None)))
+            unet_pass_until(session.pipe, latents.expand(self.n_rows, -1, -1, -1), t,
+                            self.cond.rows(slice(-self.n_rows, None)), self.map_layers)
         self.guided_calls += 1
         return self._maps(store)
 

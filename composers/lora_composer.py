@@ -17,7 +17,7 @@ from attention.controller import CrossContext
 from attention.masks import resize_mask
 from attention.store import AttentionStore
 from composers.regional import RegionalComposer, RegionalParams
-from studio.engine import Session, unet_pass
+from studio.engine import Session, unet_pass_until
 
 
 class LoraComposerParams(RegionalParams):
@@ -157,10 +157,10 @@ class LoraComposer(RegionalComposer):
         return [CrossContext(c.name, c.embeddings[rows], c.mask, c.adapters) for c in session.controller.contexts]
 
     def _conditional_forward(self, session: Session, latents: torch.Tensor, t, keep_grad: bool) -> AttentionStore:
-        """One conditional-only UNet call recording the composer-layer maps."""
+        """One conditional-only UNet call recording the composer-layer maps, stopped once they are recorded."""
         store = AttentionStore(self.map_layers, keep_grad=keep_grad)
         with session.controller.override(contexts=self._conditional_contexts(session), store=store):
-            unet_pass(session.pipe, latents, t, self.cond.rows(slice(-1, None)))
+            unet_pass_until(session.pipe, latents, t, self.cond.rows(slice(-1, None)), self.map_layers)
         return store
 
     def _losses(self, session: Session, store: AttentionStore) -> torch.Tensor:

@@ -78,6 +78,35 @@ def unet_pass(pipe, latents: torch.Tensor, t, cond: Conditioning) -> torch.Tenso
     return pipe.unet(x, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.added, return_dict=False)[0]
 
 
+class _LayersDone(Exception):
+    """Raised by unet_pass_until's hooks to leave the UNet once the layers it waits for have run."""
+
+
+def unet_pass_until(pipe, latents: torch.Tensor, t, cond: Conditioning, layers: set[str]) -> None:
+    """A UNet call that stops as soon as every module named in `layers` has run: guidance reads attention maps of a
+    few layers, and the rest of the UNet (SD1.5: the two finest up blocks, most of its compute) is not needed for
+    them, nor kept for a backward pass. The maps land where the processors record them; nothing is returned."""
+    unet = pipe.unet
+    remaining = set(layers)
+
+    def finished(name):
+        def hook(_module, _args, _output):
+            remaining.discard(name)
+            if not remaining:
+                raise _LayersDone
+
+        return hook
+
+    handles = [unet.get_submodule(name).register_forward_hook(finished(name)) for name in layers]
+    try:
+        unet_pass(pipe, latents, t, cond)
+    except _LayersDone:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     return uncond + scale * (cond - uncond)
 

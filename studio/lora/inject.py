@@ -25,7 +25,9 @@ from studio.models import model_family
 __all__ = ["LoraLayer", "attach_lora", "detach_lora", "set_lora_weights", "attached_adapters", "lora_layers",
            "text_encoder_layers", "only_adapters", "fit_to_layer", "load_lora"]
 
-Gate = Callable[[str, Tensor], "Tensor | None"]  # (adapter name, its delta output) -> mask
+# (adapter name, its delta output or, for low-rank adapters, its rank-r hidden) -> a mask over batch and spatial /
+# token axes (never over channels), broadcastable to either
+Gate = Callable[[str, Tensor], "Tensor | None"]
 
 
 class LoraLayer(nn.Module):
@@ -72,12 +74,35 @@ class LoraLayer(nn.Module):
         out = self.base(x, *args, **kwargs)
         for name in self.active_adapters():
             module = self._on_device_of_base(name)
+            scale = self.weights[name] * module.scale
+            if module.down is not None and module.mid is None:
+                out = self._add_low_rank(out, module, x, name, scale)
+                continue
             delta = self.delta(module, x)
             mask = self.gate(name, delta) if self.gate is not None else None
             if mask is not None:
                 delta = delta * mask
-            out = out + (self.weights[name] * module.scale) * delta
+            out = out + scale * delta
         return out
+
+    def _add_low_rank(self, out: Tensor, module: LoraModule, x: Tensor, name: str, scale: float) -> Tensor:
+        """out + scale · gate ⊙ up(down(x)), with the gate and the scale applied to the rank-r hidden rather than to
+        the full-width delta (a gate never varies across output channels), and, for linear layers, the up
+        projection added by one fused matrix multiply-add: no full-width delta tensor is ever made."""
+        if isinstance(self.base, nn.Conv2d):
+            conv = self.base
+            hidden = F.conv2d(x, module.down, None, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+        else:
+            hidden = F.linear(x, module.down)
+        mask = self.gate(name, hidden) if self.gate is not None else None
+        if mask is not None:
+            hidden = hidden * mask
+        if isinstance(self.base, nn.Conv2d):
+            return out + F.conv2d(hidden * scale, module.up)
+        flat_out, flat_hidden = out.reshape(-1, out.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
+        if torch.is_grad_enabled() and (out.requires_grad or hidden.requires_grad):
+            return torch.addmm(flat_out, flat_hidden, module.up.t(), alpha=scale).view(out.shape)
+        return flat_out.addmm_(flat_hidden, module.up.t(), alpha=scale).view(out.shape)
 
     def delta(self, module: LoraModule, x: Tensor) -> Tensor:
         """Δ(x) of one adapter, unscaled: low rank as up(down(x)), dense with the dense ΔW."""

@@ -489,7 +489,8 @@ def test_weights_overrides_and_gates(tmp_path):
     with torch.no_grad():
         expected = layer.base(x) + 0.25 * F.linear(x, delta_a) * mask + 2.0 * F.linear(x, delta_b)
         torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
-    assert seen == [(1, 4, layer.out_features)] * 2  # the gate sees each adapter's delta output
+    rank = a.modules[("unet", TO_K)].down.shape[0]
+    assert seen == [(1, 4, rank)] * 2  # the gate sees each adapter's low-rank hidden: its batch and token axes
     layer.gate = None
     with only_adapters([layer, layer.base], ["a"]):  # modules that are not LoraLayers are ignored
         assert_applies(pipe, "unet", TO_K, 0.25 * delta_a)
