@@ -2,7 +2,7 @@
 official code runs it (bench/speed_references.py), all measured in one run.
 
 Per row: seconds per denoising step (the median of the measured steps after one warm-up step) and peak memory
-until the last step (resident-memory growth on CPU, sampled every 2 ms; torch.cuda.max_memory_allocated on GPU;
+until the last step (resident-memory growth on CPU, sampled every 5 ms; torch.cuda.max_memory_allocated on GPU;
 the VAE decoding after it, the same for every method, is reported apart), each as a ratio to one LoRA on the same
 model in the same run. Guided methods are timed on guided steps (the costly
 ones; every step of a 20-step run may be one); CLoRA's whole-generation ratio adds its 2 × 19 repeated guidance
@@ -35,6 +35,8 @@ sys.path.insert(0, str(ROOT / "bench"))  # speed_references beside this file
 N_METHODS = ["merge", "regional", "lora_composer", "clora", "switch", "composite"]
 PAIR_METHODS = ["k_lora", "b4m"]  # one content and one style: N = 2 only
 OFFICIAL = ["regional", "lora_composer", "clora", "composite"]
+# official references measured up to this N (the run's time): CLoRA's and composite's cost grows with N as ours does
+OFFICIAL_MAX_N = {"clora": 4, "composite": 4}
 SUBJECTS = ["dog", "cat", "bird", "car", "tree", "house", "boat", "horse"]
 TRIGGERS = ["sks", "ohwx", "zwx", "pqv", "xjy", "qwf", "vbn", "mkl"]
 BASES = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "shapes": "shapes_world_v1"}
@@ -72,7 +74,7 @@ class PeakMemory:
         return self
 
     def _sample(self):
-        while not self.done.wait(0.002):
+        while not self.done.wait(0.005):
             self.high = max(self.high, self.process.memory_info().rss)
 
     def so_far(self) -> int:
@@ -201,13 +203,15 @@ def model_rows(model: str, ns: list[int], size: int, steps: int, device: str, dt
     folder = Path(tempfile.mkdtemp(prefix="speed-"))
     files, pair = write_files(pipe, model, folder, max(ns + [2]))
     torch.set_grad_enabled(False)
-    plan = [("plain", 1, "ours"), ("one_lora", 1, "ours")]
+    measure(pipe, composition_for("one_lora", 1, files, pair, size, 1))  # the process's own warm-up, not timed
+    baselines = [("plain", 1, "ours"), ("one_lora", 1, "ours")]
+    plan = list(baselines)
     for n in ns:
         plan += [(m, n, "ours") for m in N_METHODS]
         if official:
-            plan += [(m, n, "official") for m in OFFICIAL]
-    plan += [(m, 2, "ours") for m in PAIR_METHODS]
-    measured, checks = {}, []
+            plan += [(m, n, "official") for m in OFFICIAL if n <= OFFICIAL_MAX_N.get(m, n)]
+    plan += [(m, 2, "ours") for m in PAIR_METHODS] + baselines  # the baselines again: their drift is reported
+    measured, checks, drift = {}, [], {}
     for method, n, way in plan:
         composition = composition_for(method, n, files, pair, size, steps)
         context = None
@@ -217,6 +221,12 @@ def model_rows(model: str, ns: list[int], size: int, steps: int, device: str, dt
             context = official_way(method)
         run = measure(pipe, composition, context)
         per_step, guidance_iteration = timed_steps(method, run["steps"])
+        first = measured.get((method, n, way))
+        if first is not None:  # a baseline measured twice: both runs' steps pooled, the drift between them kept
+            drift[method] = round(per_step / first["s_per_step"] - 1, 3)
+            per_step = statistics.median(first["steps"][1:] + run["steps"][1:])
+            run = {**run, "peak": max(first["peak"], run["peak"]),
+                   "peak_with_decoding": max(first["peak_with_decoding"], run["peak_with_decoding"])}
         measured[(method, n, way)] = {**run, "s_per_step": per_step, "guidance_iteration": guidance_iteration}
         log(f"  {model} {method:14s} N={n} {way:8s} {per_step:7.3f} s/step  peak {run['peak'] / 1e6:8.1f} MB")
         if way == "official" and SAME_MATHS[method]:
@@ -239,6 +249,9 @@ def model_rows(model: str, ns: list[int], size: int, steps: int, device: str, dt
             row["guidance_iteration_s"] = round(run["guidance_iteration"], 4)
             row["whole_generation_ratio"] = round(whole / one["s_per_step"], 3)
         rows.append(row)
+    for row in rows:
+        if row["method"] in drift:
+            row["drift_between_first_and_last_run"] = drift[row["method"]]
     del pipe
     return rows, checks
 
@@ -247,7 +260,9 @@ def model_rows(model: str, ns: list[int], size: int, steps: int, device: str, dt
 def startup_times(log=print) -> dict:
     """Fresh processes: `studio serve` to a first image through its API, and Studio.load() to a first image."""
     script = ("import time; t0 = time.perf_counter()\n"
-              "import torch, diffusers, studio.api\n"
+              "import studio.api, studio.models\n"
+              "from diffusers import StableDiffusionPipeline\n"
+              "from transformers import CLIPTextModel\n"
               "t1 = time.perf_counter(); s = studio.api.Studio.load(); t2 = time.perf_counter()\n"
               "s.generate('assets/presets/two-concepts.json'); t3 = time.perf_counter()\n"
               "s.generate('assets/presets/two-concepts.json'); t4 = time.perf_counter()\n"

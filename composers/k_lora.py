@@ -83,18 +83,19 @@ class KLoraComposer(Composer):
         self.names = (content, style)
         self.layers = {name: layer for name, layer in lora_layers(session.pipe).items()
                        if name.startswith("unet.") and content in layer.adapters and style in layer.adapters}
-        deltas = {}
+        # one layer's two dense ΔW at a time (all of them at once would be as large as the UNet's attention weights)
+        norms, top_sums = {}, {}
         for name, layer in self.layers.items():
-            pair = []
-            for adapter in (content, style):
-                module = layer.adapters[adapter]
-                pair.append((module, module.delta_weight(layer.base.weight) * layer.weights[adapter]))
-            deltas[name] = pair
-        gamma = magnitude_ratio([c for (_, c), _ in deltas.values()], [s for _, (_, s) in deltas.values()])
-        for name, ((c_module, c_delta), (s_module, s_delta)) in deltas.items():
+            (c_module, c_delta), (s_module, s_delta) = [
+                (layer.adapters[a], layer.adapters[a].delta_weight(layer.base.weight) * layer.weights[a])
+                for a in (content, style)]
             k = rank_of(c_module, c_delta) * rank_of(s_module, s_delta)
-            self.content_score[name] = top_k_sum(c_delta, k) / gamma
-            self.style_score[name] = top_k_sum(s_delta, k)
+            norms[name] = (c_delta.abs().sum(), s_delta.abs().sum())
+            top_sums[name] = (top_k_sum(c_delta, k), top_k_sum(s_delta, k))
+        gamma = magnitude_ratio([c for c, _ in norms.values()], [s for _, s in norms.values()])
+        for name, (c_top, s_top) in top_sums.items():
+            self.content_score[name] = c_top / gamma
+            self.style_score[name] = s_top
         self.cond = session.encode([session.prompt], [session.negative_prompt])  # both LoRAs' text encoders
 
     def predict(self, session: Session, latents: torch.Tensor, step: int, t) -> torch.Tensor:
