@@ -67,7 +67,8 @@ class ClorComposer(Composer):
     name = "clora"
     summary = ("CLoRA: contrastive attention guidance keeps each concept LoRA on its own subject; masks from "
                "its attention fuse the noise predictions (no boxes).")
-    passes_doc = ("1 batched call of 2(N+1) rows; on guided steps +1 conditional forward+backward of N+1 rows "
+    passes_doc = ("1 batched call of 2(N+1) rows; on guided steps +1 conditional forward (stopped once the maps it "
+                  "reads are recorded) + backward of N+1 rows "
                   "(×20 at steps 0, 10, 20)")
     Params = ClorParams
     limits = ("On the bundled model its fused predictions lose the concepts' shapes (crosses and crescents come out"

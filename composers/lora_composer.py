@@ -114,7 +114,8 @@ class LoraComposer(RegionalComposer):
     name = "lora_composer"
     summary = ("LoRA-Composer: region injection, concept isolation, latent guidance and latent "
                "re-initialisation (needs boxes).")
-    passes_doc = "1, plus 1 conditional forward+backward on guided steps (≤ 25) and 1 forward before sampling"
+    passes_doc = ("1, plus 1 conditional forward (stopped once the maps it reads are recorded) + backward on guided steps "
+                  "(≤ 25) and 1 such forward before sampling")
     Params = LoraComposerParams
     needs_regions = True
 

@@ -124,3 +124,33 @@ def test_an_auto_region_needs_its_trigger_in_the_prompt_and_a_box_method_refuses
         compose(tiny_pipe, Composition(prompt="a red sks", steps=2, method="lora_composer", loras=[entry]))
     with pytest.raises(ValueError, match="exactly one of"):
         Region(auto=True, box=(0, 0, 1, 1))
+
+
+def test_cached_keys_and_region_only_cross_attention_compute_what_every_query_and_step_would(tiny_pipe, tiny_loras,
+                                                                                              monkeypatch):
+    entries = [LoraEntry(file=str(tiny_loras["alpha"]), trigger_words=["sks"], region=Region(box=(0, 0, 0.5, 1)),
+                         prompt=PROMPT),
+               LoraEntry(file=str(tiny_loras["beta"]), trigger_words=["ohwx"], region=Region(box=(0.5, 0.25, 1, 1)),
+                         prompt=PROMPT)]
+    for method in ("regional", "lora_composer"):
+        fast = compose(tiny_pipe, spec(method, entries))
+        with monkeypatch.context() as patched:  # every context over every query, keys and values every call
+            patched.setattr(CompositionController, "context_support",
+                            lambda self, rows, cols: [None] * len(self.contexts))
+            patched.setattr(CompositionController, "cross_kv_key", staticmethod(lambda layer, context: None))
+            naive = compose(tiny_pipe, spec(method, entries))
+        assert (fast.latents - naive.latents).abs().max() < 1e-5, method
+
+
+def test_a_context_is_attended_only_where_it_is_blended(tiny_pipe):
+    ctrl = CompositionController((8, 8))
+    box = torch.zeros(8, 8)
+    box[:, :4] = 1.0
+    ctrl.contexts = [CrossContext("global", torch.zeros(1, 77, 8), None),
+                     CrossContext("left", torch.zeros(1, 77, 8), box)]
+    background, left = ctrl.context_support(8, 8)
+    assert background.tolist() == [r * 8 + c for r in range(8) for c in range(4, 8)]
+    assert left.tolist() == [r * 8 + c for r in range(8) for c in range(4)]
+    everywhere = CompositionController((8, 8))
+    everywhere.contexts = [ctrl.contexts[0], CrossContext("all", torch.zeros(1, 77, 8), torch.ones(8, 8))]
+    assert everywhere.context_support(8, 8)[1] is None  # the whole image: no indexing at all
