@@ -4,9 +4,10 @@ official code runs it (bench/speed_references.py), all measured in one run.
 Per row: seconds per denoising step (the median of the measured steps after one warm-up step) and peak memory
 until the last step (resident-memory growth on CPU, sampled every 5 ms; torch.cuda.max_memory_allocated on GPU;
 the VAE decoding after it, the same for every method, is reported apart), each as a ratio to one LoRA on the same
-model in the same run. Guided methods are timed on guided steps (the costly
-ones; every step of a 20-step run may be one); CLoRA's whole-generation ratio adds its 2 × 19 repeated guidance
-iterations of the default schedule, timed in the same run. Then, beyond one image: the time from `studio serve`
+model in the same run. The machine's speed drifts by several per cent over minutes, so one LoRA is timed again
+before each group of N and each row's ratio is to the one-LoRA run nearest before it. Guided methods are timed on
+guided steps (the costly ones; every step of a 20-step run may be one); CLoRA's whole-generation ratio adds its
+2 × 19 repeated guidance iterations of the default schedule, timed in the same run. Then, beyond one image: the time from `studio serve`
 and from `Studio.load()` to a first image, and `studio inspect` / the library scan on 500 LoRA files.
 
 Usage: studio bench speed [--quick] [--models sd15,sdxl] [--ns 2,4,8] [--size 256] [--steps 3] [--no-startup]
@@ -35,8 +36,10 @@ sys.path.insert(0, str(ROOT / "bench"))  # speed_references beside this file
 N_METHODS = ["merge", "regional", "lora_composer", "clora", "switch", "composite"]
 PAIR_METHODS = ["k_lora", "b4m"]  # one content and one style: N = 2 only
 OFFICIAL = ["regional", "lora_composer", "clora", "composite"]
-# official references measured up to this N (the run's time): CLoRA's and composite's cost grows with N as ours does
-OFFICIAL_MAX_N = {"clora": 4, "composite": 4}
+# official references measured up to this N, to keep the run within 30 minutes on 2 CPU cores: CLoRA's and
+# composite's official cost grows with N exactly as ours does (same passes), regional's and LoRA-Composer's do not
+OFFICIAL_MAX_N = {"clora": 2, "composite": 2}
+OFFICIAL_ON = {"sdxl": ["regional", "lora_composer"]}  # SDXL (2.6 B parameters on a CPU): the two that differ most
 SUBJECTS = ["dog", "cat", "bird", "car", "tree", "house", "boat", "horse"]
 TRIGGERS = ["sks", "ohwx", "zwx", "pqv", "xjy", "qwf", "vbn", "mkl"]
 BASES = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "shapes": "shapes_world_v1"}
@@ -195,8 +198,38 @@ def write_files(pipe, model: str, folder: Path, n: int) -> tuple[list[Path], dic
 
 
 # --- one model's table ------------------------------------------------------------------------------------------
+def measure_diffusers(pipe, files: list[Path], size: int, steps: int) -> dict:
+    """The peer's floor: plain diffusers with PEFT, `load_lora_weights` + `set_adapters` (all LoRAs merged into every
+    layer's forward), the pipeline's own loop; latents out (no decoding), the adapters unloaded afterwards."""
+    names = [f"peer{k}" for k in range(len(files))]
+    stamps, device = [], pipe.unet.device
+
+    def tick(_pipe, _step, _t, kwargs):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        return kwargs
+
+    try:
+        for name, file in zip(names, files):
+            pipe.load_lora_weights(str(file), adapter_name=name)
+        pipe.set_adapters(names, [1.0] * len(names))
+        injected = sum(1 for m in pipe.unet.modules() if hasattr(m, "lora_A") and m.lora_A)
+        if not injected:
+            raise RuntimeError("diffusers loaded the benchmark's LoRA files but injected nothing")
+        with PeakMemory(device) as memory:
+            start = time.perf_counter()
+            pipe(scene(len(files)), height=size, width=size, num_inference_steps=steps + 1, guidance_scale=7.0,
+                 generator=torch.Generator("cpu").manual_seed(0), callback_on_step_end=tick, output_type="latent")
+    finally:
+        pipe.unload_lora_weights()
+    steps_taken = [b - a for a, b in zip([start] + stamps[:-1], stamps)]
+    return {"steps": steps_taken, "peak": memory.peak, "peak_with_decoding": memory.peak, "latents": None,
+            "passes": 1.0}
+
+
 def model_rows(model: str, ns: list[int], size: int, steps: int, device: str, dtype, official: bool,
-               log=print) -> tuple[list[dict], list[dict]]:
+               peer: bool = False, log=print) -> tuple[list[dict], list[dict], list[dict]]:
     from speed_references import OFFICIAL_PARAMS, SAME_MATHS, official_way
 
     pipe = build_pipe(model, device, dtype)
@@ -210,9 +243,12 @@ def model_rows(model: str, ns: list[int], size: int, steps: int, device: str, dt
         plan += [("one_lora", 1, "ours")] if k else []  # between groups too: the machine's speed drifts
         plan += [(m, n, "ours") for m in N_METHODS]
         if official:
-            plan += [(m, n, "official") for m in OFFICIAL if n <= OFFICIAL_MAX_N.get(m, n)]
+            plan += [(m, n, "official") for m in OFFICIAL_ON.get(model, OFFICIAL) if n <= OFFICIAL_MAX_N.get(m, n)]
     plan += [(m, 2, "ours") for m in PAIR_METHODS] + baselines  # the baselines again: their drift is reported
-    measured, checks, drift = {}, [], {}
+    if peer:  # last: the pipeline has had PEFT layers in it
+        plan += [("one_lora", 1, "diffusers")] + [("merge", n, "diffusers") for n in ns]
+    measured, checks, drift, local_baseline, skipped = {}, [], {}, {}, []
+    latest_one = None  # the last one-LoRA run's own seconds per step: each row's ratio is to the one nearest in time
     for method, n, way in plan:
         composition = composition_for(method, n, files, pair, size, steps)
         context = None
@@ -220,7 +256,15 @@ def model_rows(model: str, ns: list[int], size: int, steps: int, device: str, dt
             composition = composition.model_copy(update={"params": {**composition.params,
                                                                      **OFFICIAL_PARAMS.get(method, {})}})
             context = official_way(method)
-        run = measure(pipe, composition, context)
+        if way == "diffusers":
+            try:
+                run = measure_diffusers(pipe, files[:n], size, steps)
+            except Exception as exc:  # noqa: BLE001 — the peer's own loader; its refusal is reported, not fatal
+                skipped.append({"model": model, "method": method, "n": n, "way": way, "why": str(exc)[:300]})
+                log(f"  {model} {method} N={n} diffusers: skipped ({str(exc)[:120]})")
+                continue
+        else:
+            run = measure(pipe, composition, context)
         per_step, guidance_iteration = timed_steps(method, run["steps"])
         first = measured.get((method, n, way))
         if first is not None:  # a baseline measured again: every run's steps pooled, its drift kept
@@ -229,6 +273,9 @@ def model_rows(model: str, ns: list[int], size: int, steps: int, device: str, dt
                    "peak_with_decoding": max(first["peak_with_decoding"], run["peak_with_decoding"])}
             per_step = statistics.median(run["steps"][1:])
         run["first_s_per_step"] = first["first_s_per_step"] if first is not None else per_step
+        if (method, way) == ("one_lora", "ours"):
+            latest_one = statistics.median(run["steps"][-steps:])  # this run's own measured steps
+        local_baseline[(method, n, way)] = latest_one
         measured[(method, n, way)] = {**run, "s_per_step": per_step, "guidance_iteration": guidance_iteration}
         log(f"  {model} {method:14s} N={n} {way:8s} {per_step:7.3f} s/step  peak {run['peak'] / 1e6:8.1f} MB")
         if way == "official" and SAME_MATHS[method]:
@@ -239,8 +286,9 @@ def model_rows(model: str, ns: list[int], size: int, steps: int, device: str, dt
     one = measured[("one_lora", 1, "ours")]
     rows = []
     for (method, n, way), run in measured.items():
+        baseline = one["s_per_step"] if method in ("plain", "one_lora") else local_baseline[(method, n, way)]
         row = {"method": method, "n": n, "model": model, "way": way, "s_per_step": round(run["s_per_step"], 4),
-               "ratio": round(run["s_per_step"] / one["s_per_step"], 3),
+               "ratio": round(run["s_per_step"] / baseline, 3), "one_lora_s_per_step_nearest": round(baseline, 4),
                "peak_mem_ratio": round(run["peak"] / max(one["peak"], 1), 3),
                "peak_mem_mb": round(run["peak"] / 1e6, 1),
                "peak_mem_with_decoding_mb": round(run["peak_with_decoding"] / 1e6, 1),
@@ -249,13 +297,13 @@ def model_rows(model: str, ns: list[int], size: int, steps: int, device: str, dt
             # the default schedule on 20 steps: every step guided, and 19 more iterations at steps 0 and 10
             whole = (20 * run["s_per_step"] + 38 * run["guidance_iteration"]) / 20
             row["guidance_iteration_s"] = round(run["guidance_iteration"], 4)
-            row["whole_generation_ratio"] = round(whole / one["s_per_step"], 3)
+            row["whole_generation_ratio"] = round(whole / baseline, 3)
         rows.append(row)
     for row in rows:
         if row["method"] in drift:
             row["drift_between_first_and_last_run"] = drift[row["method"]]
     del pipe
-    return rows, checks
+    return rows, checks, skipped
 
 
 # --- beyond one image -------------------------------------------------------------------------------------------
@@ -377,11 +425,14 @@ def markdown(report: dict) -> str:
     rows = report["rows"]
     lines = ["# Speed and memory\n", f"Measured by `{report['command']}` on {report['machine']}, "
              f"{report['size']} px, median of {report['steps']} steps after a warm-up step; ratios to one LoRA on "
-             "the same model in the same run.\n"]
+             "the same model in the same run, timed again before each group of N (each row's ratio is to the "
+             "one-LoRA run nearest before it: the machine's speed drifts).\n"]
     for model in dict.fromkeys(r["model"] for r in rows):
-        lines += [f"## {model}\n", "| method | N | ours s/step | ratio | official way s/step | ratio | our speed-up | "
-                  "peak memory (ratio) |", "|---|---|---|---|---|---|---|---|"]
         index = {(r["method"], r["n"], r["way"]): r for r in rows if r["model"] == model}
+        with_peer = any(way == "diffusers" for _, _, way in index)
+        lines += [f"## {model}\n", "| method | N | ours s/step | ratio | official way s/step | ratio | our speed-up | "
+                  "peak memory (ratio) |" + (" diffusers + PEFT s/step (ratio) |" if with_peer else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if with_peer else "")]
         for (method, n, way), row in index.items():
             if way != "ours":
                 continue
@@ -393,8 +444,10 @@ def markdown(report: dict) -> str:
                         + (f" ({theirs['whole_generation_ratio']:.2f}× whole run)"
                            if "whole_generation_ratio" in theirs else "")
                         + f" | {theirs['s_per_step'] / row['s_per_step']:.2f}×") if theirs else "— | — | —"
+            peer = index.get((method, n, "diffusers"))
+            peer_cell = (f" {peer['s_per_step']:.2f} ({peer['ratio']:.2f}×) |" if peer else " — |") if with_peer else ""
             lines.append(f"| {method} | {n} | {row['s_per_step']:.2f} | {ratio} | {official} | "
-                         f"{row['peak_mem_mb']:.0f} MB ({row['peak_mem_ratio']:.2f}×) |")
+                         f"{row['peak_mem_mb']:.0f} MB ({row['peak_mem_ratio']:.2f}×) |{peer_cell}")
         lines.append("")
     if report["checks"]:
         lines += ["## Same image as the official way\n", "| model | method | N | max relative latent difference | same |",
@@ -402,6 +455,8 @@ def markdown(report: dict) -> str:
         lines += [f"| {c['model']} | {c['method']} | {c['n']} | {c['max_relative_latent_difference']:.1e} | "
                   f"{'yes' if c['same'] else '**no**'} (≤ {c['tolerance']:.0e}) |" for c in report["checks"]]
         lines.append("")
+    lines += [f"- {s['model']} {s['method']} N = {s['n']} ({s['way']}) not measured: {s['why']}"
+              for s in report.get("skipped", [])]
     lines += ["## Targets\n", *target_lines(rows), ""]
     if report.get("startup"):
         api, serve = report["startup"]["api"], report["startup"]["serve"]
@@ -460,26 +515,29 @@ def main(argv=None):
     parser.add_argument("--fp16", action="store_true", help="Half precision (GPU).")
     parser.add_argument("--no-official", action="store_true", help="Leave out the official-way references.")
     parser.add_argument("--no-startup", action="store_true", help="Leave out the startup and library timings.")
+    parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
+                        help="Plain diffusers + PEFT with set_adapters (one LoRA and merge) as the peer's floor.")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
     models = (args.models or ("sd15" if args.quick else "sd15,sdxl")).split(",")
     dtype = torch.float16 if args.fp16 else torch.float32
     begin = time.perf_counter()
-    rows, checks = [], []
+    rows, checks, skipped = [], [], []
     for model in models:
         ns = [int(v) for v in args.ns.split(",")] if args.ns else ([2] if args.quick else DEFAULT_NS[model])
         size = args.size or (64 if model == "shapes" else 256)
         print(f"{model}: {size} px, N = {ns}", flush=True)
-        model_rows_, model_checks = model_rows(model, ns, size, args.steps, args.device, dtype, not args.no_official,
-                                               log=lambda line: print(line, flush=True))
+        model_rows_, model_checks, model_skipped = model_rows(model, ns, size, args.steps, args.device, dtype, not args.no_official,
+                                               args.peer, log=lambda line: print(line, flush=True))
         rows += model_rows_
         checks += model_checks
+        skipped += model_skipped
     device = torch.device(args.device)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
     report = {"command": "studio bench speed " + " ".join(argv or []), "machine": machine,
               "size": args.size or 256, "steps": args.steps, "dtype": str(dtype).removeprefix("torch."),
-              "rows": rows, "checks": checks}
+              "rows": rows, "checks": checks, "skipped": skipped}
     if not args.quick and not args.no_startup:
         print("beyond one image", flush=True)
         report["startup"] = startup_times()

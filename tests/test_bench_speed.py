@@ -20,6 +20,7 @@ def test_a_speed_run_on_the_bundled_model_completes_and_its_references_agree(tmp
         assert (method, 2, "official") in rows
     assert {("k_lora", 2, "ours"), ("b4m", 2, "ours")} <= set(rows)
     assert "whole_generation_ratio" in rows[("clora", 2, "ours")]
+    assert {("one_lora", 1, "diffusers"), ("merge", 2, "diffusers")} <= set(rows)  # the peer's floor
     assert {c["method"] for c in report["checks"]} == {"lora_composer", "clora", "composite"}
     assert all(c["same"] for c in report["checks"]), report["checks"]
     assert (tmp_path / "speed.md").read_text().startswith("# Speed and memory")
