@@ -72,37 +72,56 @@ class LoraLayer(nn.Module):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base(x, *args, **kwargs)
+        low_rank: dict[tuple, list] = {}  # down-kernel shape -> [(name, module, scale)]: applied together
         for name in self.active_adapters():
             module = self._on_device_of_base(name)
             scale = self.weights[name] * module.scale
             if module.down is not None and module.mid is None:
-                out = self._add_low_rank(out, module, x, name, scale)
+                low_rank.setdefault(tuple(module.down.shape[1:]), []).append((name, module, scale))
                 continue
             delta = self.delta(module, x)
             mask = self.gate(name, delta) if self.gate is not None else None
             if mask is not None:
                 delta = delta * mask
             out = out + scale * delta
+        for adapters in low_rank.values():
+            out = self._add_low_rank(out, x, adapters)
         return out
 
-    def _add_low_rank(self, out: Tensor, module: LoraModule, x: Tensor, name: str, scale: float) -> Tensor:
-        """out + scale · gate ⊙ up(down(x)), with the gate and the scale applied to the rank-r hidden rather than to
-        the full-width delta (a gate never varies across output channels), and, for linear layers, the up
-        projection added by one fused matrix multiply-add: no full-width delta tensor is ever made."""
-        if isinstance(self.base, nn.Conv2d):
-            conv = self.base
-            hidden = F.conv2d(x, module.down, None, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+    def _add_low_rank(self, out: Tensor, x: Tensor, adapters: list) -> Tensor:
+        """out + Σ_k scale_k · gate_k ⊙ up_k(down_k(x)) for several low-rank adapters at once. Their down projections
+        are stacked into one matrix of Σ r_k rows, so the input is read once; each adapter's gate and scale act on its
+        slice of the rank-Σr hidden (a gate never varies across output channels); the stacked up projections are
+        added by one fused multiply-add for linear layers. No full-width delta tensor is ever made."""
+        conv = isinstance(self.base, nn.Conv2d)
+        modules = [module for _, module, _ in adapters]
+        down = modules[0].down if len(modules) == 1 else torch.cat([m.down for m in modules])
+        up = modules[0].up if len(modules) == 1 else torch.cat([m.up for m in modules], dim=1)
+        if conv:
+            geometry = dict(stride=self.base.stride, padding=self.base.padding, dilation=self.base.dilation)
+            hidden = F.conv2d(x, down, None, **geometry)
         else:
-            hidden = F.linear(x, module.down)
-        mask = self.gate(name, hidden) if self.gate is not None else None
-        if mask is not None:
-            hidden = hidden * mask
-        if isinstance(self.base, nn.Conv2d):
-            return out + F.conv2d(hidden * scale, module.up)
+            hidden = F.linear(x, down)
+        axis = 1 if conv else hidden.dim() - 1
+        pieces, start = [], 0
+        for name, module, scale in adapters:
+            piece = hidden.narrow(axis, start, module.down.shape[0])
+            start += module.down.shape[0]
+            mask = self.gate(name, piece) if self.gate is not None else None
+            if mask is not None:
+                piece = piece * (mask * scale if scale != 1.0 else mask)
+            elif scale != 1.0:
+                piece = piece * scale
+            pieces.append(piece)
+        hidden = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=axis)
+        needs_graph = torch.is_grad_enabled() and (out.requires_grad or hidden.requires_grad)
+        if conv:
+            delta = F.conv2d(hidden, up)
+            return out + delta if needs_graph else out.add_(delta)
         flat_out, flat_hidden = out.reshape(-1, out.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
-        if torch.is_grad_enabled() and (out.requires_grad or hidden.requires_grad):
-            return torch.addmm(flat_out, flat_hidden, module.up.t(), alpha=scale).view(out.shape)
-        return flat_out.addmm_(flat_hidden, module.up.t(), alpha=scale).view(out.shape)
+        if needs_graph:
+            return torch.addmm(flat_out, flat_hidden, up.t()).view(out.shape)
+        return flat_out.addmm_(flat_hidden, up.t()).view(out.shape)
 
     def delta(self, module: LoraModule, x: Tensor) -> Tensor:
         """Δ(x) of one adapter, unscaled: low rank as up(down(x)), dense with the dense ΔW."""

@@ -131,7 +131,7 @@ def test_cached_keys_and_region_only_cross_attention_compute_what_every_query_an
     entries = [LoraEntry(file=str(tiny_loras["alpha"]), trigger_words=["sks"], region=Region(box=(0, 0, 0.5, 1)),
                          prompt=PROMPT),
                LoraEntry(file=str(tiny_loras["beta"]), trigger_words=["ohwx"], region=Region(box=(0.5, 0.25, 1, 1)),
-                         prompt=PROMPT)]
+                         prompt=PROMPT.replace("sks", "ohwx"))]
     for method in ("regional", "lora_composer"):
         fast = compose(tiny_pipe, spec(method, entries))
         with monkeypatch.context() as patched:  # every context over every query, keys and values every call
@@ -139,7 +139,7 @@ def test_cached_keys_and_region_only_cross_attention_compute_what_every_query_an
                             lambda self, rows, cols: [None] * len(self.contexts))
             patched.setattr(CompositionController, "cross_kv_key", staticmethod(lambda layer, context: None))
             naive = compose(tiny_pipe, spec(method, entries))
-        assert (fast.latents - naive.latents).abs().max() < 1e-5, method
+        assert (fast.latents - naive.latents).abs().max() < 1e-3 * naive.latents.abs().max(), method  # rounding only
 
 
 def test_a_context_is_attended_only_where_it_is_blended(tiny_pipe):
