@@ -32,7 +32,6 @@ def main(argv=None):
     speed = runpy.run_path(str(ROOT / "bench" / "speed.py"), run_name="bench")
     pipe = speed["build_pipe"](args.model, "cpu", torch.float32)
     files, pair = speed["write_files"](pipe, args.model, Path(tempfile.mkdtemp()), 2)
-    torch.set_grad_enabled(False)
     composition = speed["composition_for"]("lora_composer", 2, files, pair, 64 if args.model == "shapes" else 256,
                                            args.steps)
 
