@@ -233,7 +233,7 @@ def inspect(lora_files: list[Path] = typer.Argument(..., help="LoRA files, or fo
                                                        "then cached). Default: for single files, not for folders.")):
     """Identify LoRA files without loading their tensors; a folder is listed as the library lists it."""
     from studio.lora.inspect import inspect_lora
-    from studio.lora.library import scan_library
+    from studio.lora.library import inspect_entry, scan_library
 
     if len(lora_files) == 1 and not lora_files[0].is_dir():
         try:
@@ -243,15 +243,13 @@ def inspect(lora_files: list[Path] = typer.Argument(..., help="LoRA files, or fo
         if as_json:
             print(json.dumps(info.to_json(hashes=hashes is not False), indent=1))
         else:
-            typer.echo(info.summary() if hashes is not False else info.summary(hashes=False))
+            typer.echo(info.summary(hashes=hashes is not False))
         return
     entries = []
     for path in lora_files:
         if path.is_dir():
             entries += scan_library(path)
         else:
-            from studio.lora.library import inspect_entry
-
             entry = inspect_entry(path)
             if entry is None:
                 fail(f"{path} does not exist." if not path.exists() else f"{path} is not a regular file.", as_json)

@@ -44,7 +44,7 @@ class LoraLayer(nn.Module):
         self.adapters: dict[str, LoraModule] = {}
         self.weights: dict[str, float] = {}
         self.override: list[str] | None = None  # when set, ONLY these adapters apply
-        self.gate: Gate | None = None  # mask broadcastable to the delta output, or None = everywhere
+        self.gate: Gate | None = None  # a mask over batch and token / spatial axes (see Gate), or None = everywhere
         self.register_state_dict_post_hook(_hide_base_in_state_dict)
         self.register_load_state_dict_pre_hook(_restore_base_in_state_dict)
 
