@@ -84,7 +84,7 @@ class _LayersDone(Exception):
 
 def unet_pass_until(pipe, latents: torch.Tensor, t, cond: Conditioning, layers: set[str]) -> None:
     """A UNet call that stops as soon as every module named in `layers` has run: guidance reads attention maps of a
-    few layers, and the rest of the UNet (SD1.5: the two finest up blocks, most of its compute) is not needed for
+    few layers, and the rest of the UNet (SD1.5: the two finest up blocks) is not needed for
     them, nor kept for a backward pass. The maps land where the processors record them; nothing is returned."""
     unet = pipe.unet
     remaining = set(layers)
