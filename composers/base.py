@@ -60,6 +60,11 @@ class Composer:
         return 1.0
 
     @classmethod
+    def expected_passes(cls, n_loras: int, steps: int, params: BaseModel) -> float:
+        """The `passes` a run will report, estimated before it runs (the web studio's cost line)."""
+        return 1.0
+
+    @classmethod
     def describe(cls) -> dict:
         schema = cls.Params.model_json_schema()
         params = {name: {"default": spec.get("default"), "description": spec.get("description", ""),

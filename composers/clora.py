@@ -226,6 +226,14 @@ class ClorComposer(Composer):
                                           "contrastive loss was not finite.")
         return report
 
+    @classmethod
+    def expected_passes(cls, n_loras: int, steps: int, params) -> float:
+        if n_loras < 2 or not params.latent_update:
+            return 1.0
+        guided = sum(params.inner_iters if step in params.inner_steps else 1 for step in range(min(params.max_iter,
+                                                                                                  steps)))
+        return 1.0 + guided / steps
+
     def passes(self, session: Session) -> float:
         return 1.0 + self.guided_calls / session.steps if self.concepts else 1.0
 

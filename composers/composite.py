@@ -65,6 +65,10 @@ class CompositeComposer(Composer):
             return out.mean(0, keepdim=True)
         return classifier_free_guidance(out[:n].mean(0, keepdim=True), out[n:].mean(0, keepdim=True), session.guidance)
 
+    @classmethod
+    def expected_passes(cls, n_loras: int, steps: int, params) -> float:
+        return float(max(1, n_loras))
+
     def passes(self, session: Session) -> float:
         return float(max(1, len(session.adapters)))
 

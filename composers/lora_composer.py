@@ -224,6 +224,12 @@ class LoraComposer(RegionalComposer):
     def report(self) -> dict:
         return {"guidance_losses": list(self.loss_history)}
 
+    @classmethod
+    def expected_passes(cls, n_loras: int, steps: int, params) -> float:
+        """At most: guidance may stop early (the official loop's stop test)."""
+        guided = min(params.guidance_steps, steps) if n_loras >= 2 else 0
+        return 1.0 + guided / steps + (1.0 / steps if params.latent_reinit else 0.0)
+
     def passes(self, session: Session) -> float:
         """UNet calls per step, averaged over the run: the guidance calls are conditional-only with a backward."""
         guided = len(self.loss_history)

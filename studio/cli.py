@@ -61,6 +61,9 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to listen on."),
                                                           "or $LORA_STUDIO_LORAS)."),
           models: Optional[Path] = typer.Option(None, help="An A1111 or ComfyUI install: its LoRA folders join the "
                                                            "library and --model may name one of its checkpoints."),
+          outputs: Optional[Path] = typer.Option(None, help="Folder the studio keeps every result in, across restarts "
+                                                            "(default ~/.local/share/lora-studio/outputs or "
+                                                            "$LORA_STUDIO_OUTPUTS)."),
           open_browser: bool = typer.Option(False, "--open", help="Open a browser tab."),
           auth: Optional[str] = typer.Option(None, help="USER:PASSWORD asked of every visitor (Gradio auth); "
                                                         "default $LORA_STUDIO_AUTH. Use it whenever --host is not "
@@ -79,7 +82,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to listen on."),
         limits = limits_from_options(None, max_upload_mb, max_pixels=max_pixels, max_steps=max_steps,
                                      max_loras=max_loras, max_images=max_images, max_queue=max_queue)
         webapp.main(host=host, port=port, model=model, config=config, open_browser=open_browser, library=library,
-                    models=models, auth=auth, limits=limits)
+                    models=models, auth=auth, limits=limits, outputs=outputs)
     except StudioError as exc:
         fail(str(exc))
 

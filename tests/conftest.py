@@ -9,6 +9,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if "LORA_STUDIO_OUTPUTS" not in os.environ:  # web studios started by the tests keep their results out of ~
+    import tempfile
+
+    os.environ["LORA_STUDIO_OUTPUTS"] = tempfile.mkdtemp(prefix="lora-studio-test-outputs-")
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,5 +1,8 @@
-"""The studio in a real browser (Playwright driving Debian's Chromium): a designer's first generation.
-Skipped where /usr/bin/chromium is not installed."""
+"""The studio in a real browser (Playwright driving Debian's Chromium): a designer drags boxes and paints a mask on
+the canvas, generates, reads the overlays and restores the composition by dropping the PNG; Stop ends one page's run
+and leaves another page's alone. Screenshots go to each test's output folder. Skipped where /usr/bin/chromium is not
+installed."""
+import json
 import shutil
 from contextlib import contextmanager
 
@@ -7,36 +10,44 @@ import pytest
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+PORT = 7875
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
-def studio_url(tiny_pipe, tiny_loras, tmp_path_factory):
-    import shutil as sh
-
+def studio(tiny_folder, tiny_loras, tmp_path_factory):
     from studio import webapp
 
-    folder = tmp_path_factory.mktemp("model")
-    tiny_pipe.save_pretrained(folder)
     library = tmp_path_factory.mktemp("library")
-    for name in ("alpha", "beta"):
-        sh.copy(tiny_loras[name], library / f"{name}.safetensors")
-    demo = webapp.main(host="127.0.0.1", port=7875, model=str(folder), library=str(library), prevent_thread_lock=True)
-    yield "http://127.0.0.1:7875/"
+    for name in ("alpha", "beta", "gamma"):
+        shutil.copy(tiny_loras[name], library / f"{name}.safetensors")
+    outputs = tmp_path_factory.mktemp("outputs")
+    demo = webapp.main(host="127.0.0.1", port=PORT, model=str(tiny_folder), library=str(library),
+                       outputs=str(outputs), prevent_thread_lock=True)
+    yield {"url": f"http://127.0.0.1:{PORT}/", "outputs": outputs}
     demo.close()
 
 
 @contextmanager
-def studio_page(url, *launch_args):
-    """A page of the studio, once it has loaded, in Debian's Chromium."""
-    from playwright.sync_api import expect, sync_playwright
+def browser():
+    from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", *launch_args])
-        page = browser.new_page(viewport={"width": 1400, "height": 1800})
-        page.goto(url)
-        expect(page.get_by_text("LoRA Studio").first).to_be_visible(timeout=60_000)
-        yield page
-        browser.close()
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def open_page(chromium, url):
+    """A page of the studio in its own browser context (its own Gradio session), once it has loaded."""
+    from playwright.sync_api import expect
+
+    page = chromium.new_context(viewport={"width": 1500, "height": 1700}).new_page()
+    page.goto(url)
+    expect(page.get_by_text("LoRA Studio").first).to_be_visible(timeout=60_000)
+    expect(page.locator("#canvas canvas.board")).to_be_visible(timeout=30_000)
+    return page
 
 
 def pick(page, dropdown, option):
@@ -49,41 +60,118 @@ def pick(page, dropdown, option):
     expect(page.locator("li[role=option]:visible")).to_have_count(0, timeout=10_000)
 
 
-def test_a_designer_places_two_loras_and_generates(studio_url, tmp_path):
+def add_lora(page, name, count):
     from playwright.sync_api import expect
 
-    with studio_page(studio_url, "--disable-quic", "--no-first-run", "--disable-background-networking",
-                     "--disable-component-update", "--disable-sync") as page:
-        page.get_by_label("Steps").first.fill("2")
-        for index, name in enumerate(("alpha", "beta")):
-            pick(page, page.get_by_label("File").nth(index), f"{name} (shapes-world)")
-        expect(page.get_by_label("Trigger words (comma separated)").first).to_have_value("sks", timeout=30_000)
-        page.get_by_role("button", name="Generate").click()
-        expect(page.get_by_text("UNet passes per step")).to_be_visible(timeout=120_000)
-        page.screenshot(path=str(tmp_path / "studio.png"), full_page=True)
+    pick(page, page.get_by_label("From the library"), f"{name} (shapes-world)")
+    page.get_by_role("button", name="Add LoRA").click()
+    expect(page.locator("#canvas .chips button")).to_have_count(count, timeout=30_000)
+
+
+def gesture(page, points):
+    """Press at the first point, move through the others, release: relative coordinates on the canvas."""
+    box = page.locator("#canvas canvas.board").bounding_box()
+    at = [(box["x"] + x * box["width"], box["y"] + y * box["height"]) for x, y in points]
+    page.mouse.move(*at[0])
+    page.mouse.down()
+    for point in at[1:]:
+        page.mouse.move(*point, steps=4)
+    page.mouse.up()
+
+
+def set_steps(page, steps):
+    field = page.get_by_label("Steps").first
+    field.fill(str(steps))
+    field.press("Enter")
+
+
+def latest(folder, suffix):
+    return max(folder.glob(f"*{suffix}"), key=lambda p: p.stat().st_mtime)
+
+
+def test_a_designer_draws_two_boxes_paints_a_mask_generates_and_restores_it_from_the_png(studio, tmp_path):
+    from playwright.sync_api import expect
+
+    with browser() as chromium:
+        page = open_page(chromium, studio["url"])
+        prompt = "a red sks on the left, a blue ohwx on the right, a gamma below"
+        page.get_by_label("Prompt", exact=True).fill(prompt)
+        for count, name in enumerate(("alpha", "beta", "gamma"), start=1):
+            add_lora(page, name, count)
+        expect(page.get_by_label("Trigger words (comma separated)").first).to_have_value("sks")
+        chips = page.locator("#canvas .chips button")
+        chips.nth(0).click()
+        gesture(page, [(0.05, 0.1), (0.45, 0.6)])
+        expect(page.get_by_label("x1")).to_have_value("0.45", timeout=10_000)
+        chips.nth(1).click()
+        gesture(page, [(0.55, 0.1), (0.95, 0.6)])
+        expect(page.get_by_label("x0")).to_have_value("0.55", timeout=10_000)
+        chips.nth(2).click()
+        page.locator("#canvas [data-tool=paint]").click()
+        gesture(page, [(0.2, 0.8), (0.5, 0.82), (0.8, 0.8)])
+        expect(page.get_by_label("painted mask")).to_be_checked(timeout=10_000)
+        set_steps(page, 3)
+        page.screenshot(path=str(tmp_path / "1-placed.png"), full_page=True)
+
+        page.locator("#generate").click()
+        expect(page.locator("#run-note")).to_contain_text("UNet passes per step", timeout=120_000)
+        saved = json.loads(latest(studio["outputs"], ".json").read_text())
+        kinds = [next(iter(lora["region"])) for lora in saved["loras"]]
+        assert kinds == ["box", "box", "mask"], saved
+        assert saved["loras"][0]["region"]["box"] == pytest.approx([0.05, 0.1, 0.45, 0.6], abs=0.02)
+        assert saved["loras"][2]["region"]["mask"].startswith("data:image/png;base64,")
+
         result = page.locator("#result img")
         expect(result).to_be_visible(timeout=30_000)
-        assert result.get_attribute("src").split("?")[0].endswith(".png")
-        # each concept's map (last step) and mask
-        expect(page.locator("#maps img")).to_have_count(4, timeout=30_000)
+        assert result.evaluate("img => img.naturalWidth") >= 512  # 64 px shown enlarged
+        overlays = page.locator("#overlays input[type=checkbox]")
+        expect(overlays).to_have_count(3)
+        assert all(overlays.nth(i).is_checked() for i in range(3))
+        before = result.get_attribute("src")
+        page.screenshot(path=str(tmp_path / "2-generated.png"), full_page=True)
+        overlays.nth(0).uncheck()
+        expect(result).not_to_have_attribute("src", before, timeout=30_000)
+        page.screenshot(path=str(tmp_path / "3-overlay-toggled.png"), full_page=True)
+
+        png = latest(studio["outputs"], ".png")
+        fresh = open_page(chromium, studio["url"])
+        fresh.locator("#drop input[type=file]").set_input_files(str(png))
+        expect(fresh.get_by_label("Prompt", exact=True)).to_have_value(prompt, timeout=30_000)
+        expect(fresh.locator("#canvas .chips button")).to_have_count(3, timeout=30_000)
+        expect(fresh.get_by_label("Trigger words (comma separated)")).to_have_count(3)
+        expect(fresh.get_by_label("x0")).to_have_value("0.05")
+        fresh.locator("#canvas .chips button").nth(2).click()
+        expect(fresh.get_by_label("painted mask")).to_be_checked(timeout=10_000)
+        fresh.screenshot(path=str(tmp_path / "4-restored-from-png.png"), full_page=True)
 
 
-def test_a_designer_opens_a_bundled_example_preset(studio_url):
+def test_stop_ends_only_this_pages_run_and_the_next_run_succeeds(studio, tmp_path):
     from playwright.sync_api import expect
 
-    with studio_page(studio_url) as page:
-        page.get_by_label("Example presets").click()
-        page.locator("li[role=option][aria-label='two-concepts']:visible").click()
-        prompt = "a large solid red sks on the left and a large solid blue ohwx on the right, white background"
-        expect(page.get_by_label("Prompt", exact=True)).to_have_value(prompt, timeout=30_000)
-        expect(page.get_by_label("Region prompt (default: the prompt)").nth(1)).to_have_value(
-            "a large solid blue ohwx on the right, white background")
+    with browser() as chromium:
+        first, second = open_page(chromium, studio["url"]), open_page(chromium, studio["url"])
+        for page, name in ((first, "alpha"), (second, "beta")):
+            add_lora(page, name, 1)
+        set_steps(first, 150)
+        set_steps(second, 3)
+        first.locator("#generate").click()
+        expect(first.locator("#run-note")).to_contain_text("step", timeout=60_000)  # a live preview arrived
+        second.locator("#generate").click()  # waits in the device queue behind the long run
+        first.locator("#stop").click()
+        expect(first.locator("#stop-note")).to_contain_text("Stopped your run at step", timeout=30_000)
+        expect(second.locator("#run-note")).to_contain_text("UNet passes per step", timeout=60_000)
+        second.screenshot(path=str(tmp_path / "other-page-completed.png"), full_page=True)
+        set_steps(first, 3)
+        first.locator("#generate").click()
+        expect(first.locator("#run-note")).to_contain_text("UNet passes per step", timeout=60_000)
+        first.screenshot(path=str(tmp_path / "stopped-page-runs-again.png"), full_page=True)
 
 
-def test_the_break_for_make_tab_explains_why_two_ordinary_loras_cannot_be_assembled(studio_url):
+def test_the_break_for_make_tab_explains_why_two_ordinary_loras_cannot_be_assembled(studio):
     from playwright.sync_api import expect
 
-    with studio_page(studio_url) as page:
+    with browser() as chromium:
+        page = open_page(chromium, studio["url"])
         page.get_by_role("tab", name="Break-for-Make").click()
         expect(page.get_by_label("Joint fine-tune steps (0: assembly alone; official: 1000)")).to_have_value("0")
         for label, name in (("Content adapter", "alpha"), ("Style adapter", "beta")):
