@@ -745,9 +745,12 @@ def add_api(state: StudioState) -> None:
         if not lora:
             raise gr.Error("Send a LoRA file.")
         try:
-            return inspect(Path(lora)).to_json(hashes=True)
+            data = inspect(Path(lora)).to_json(hashes=True)
         except (StudioError, OSError) as exc:
             raise gr.Error(str(exc)) from None
+        # the server's temporary copy means nothing to the caller (and a "path" key reads as a file to gradio_client)
+        data.pop("path", None)
+        return data
 
     api_button.click(inspect_lora, api_lora, api_json, api_name="inspect_lora", concurrency_limit=4)
 

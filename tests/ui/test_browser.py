@@ -166,6 +166,15 @@ def test_stop_ends_only_this_pages_run_and_the_next_run_succeeds(studio, tmp_pat
         expect(first.locator("#run-note")).to_contain_text("UNet passes per step", timeout=60_000)
         first.screenshot(path=str(tmp_path / "stopped-page-runs-again.png"), full_page=True)
 
+        # the history keeps every result; any of them gives its composition back
+        second.get_by_role("tab", name="History").click()
+        second.locator("#history img").first.click()
+        second.locator("#use-history").click()
+        expect(second.locator("#canvas .chips button")).to_have_count(1, timeout=30_000)
+        expect(second.locator("#canvas .chips button").first).to_have_text("alpha")  # the first page's last run
+        expect(second.locator("#result img")).to_be_visible()
+        second.screenshot(path=str(tmp_path / "history-used.png"), full_page=True)
+
 
 def test_the_break_for_make_tab_explains_why_two_ordinary_loras_cannot_be_assembled(studio):
     from playwright.sync_api import expect

@@ -49,7 +49,7 @@ def test_twenty_users_at_once_each_get_their_own_image(server):
 
     def user(seed: int):
         try:
-            image, preset_file, note = client().predict(preset(), seed, api_name="/compose")
+            image, preset_file, note = client().predict(preset(), seed, [], api_name="/generate")
             outcomes[seed] = (Image.open(image), json.loads(open(preset_file).read()), note)
         except Exception as exc:  # noqa: BLE001 — collected and reported below
             errors.append(f"user {seed}: {exc!r}")
@@ -73,12 +73,12 @@ def test_twenty_users_at_once_each_get_their_own_image(server):
 
 def test_stop_ends_only_its_own_users_run_within_one_step(server):
     stopper, other = client(), client()
-    long_run = stopper.submit(preset(steps=150), 1, api_name="/compose")
-    other_run = other.submit(preset(steps=3), 2, api_name="/compose")
+    long_run = stopper.submit(preset(steps=150), 1, [], api_name="/generate")
+    other_run = other.submit(preset(steps=3), 2, [], api_name="/generate")
     deadline, answer = time.time() + 120, ""
     while time.time() < deadline and not long_run.done():
         answer = stopper.predict(api_name="/stop")
-        if answer.startswith("Stopping"):
+        if answer.startswith("Stopped your run"):
             break
         time.sleep(0.2)
     reached = int(re.search(r"step (\d+) of 150", answer).group(1))
@@ -109,11 +109,11 @@ def test_a_run_out_of_memory_is_one_sentence_and_the_next_run_is_normal(server, 
 
     monkeypatch.setattr(RegionalComposer, "predict", predict_out_of_memory)
     with pytest.raises(AppError) as error:
-        client().predict(preset(), 5, api_name="/compose")
+        client().predict(preset(), 5, [], api_name="/generate")
     message = str(error.value)
     assert "ran out of memory" in message and "\n" not in message.strip()
     assert pipeline_fingerprint(state.pipe) == before and not state.lock.locked()
-    image, _, note = client().predict(preset(), 5, api_name="/compose")
+    image, _, note = client().predict(preset(), 5, [], api_name="/generate")
     assert Image.open(image).size == (64, 64) and "seed 5" in note
 
 
@@ -148,7 +148,43 @@ def test_the_default_is_localhost():
 
 
 def test_an_image_file_comes_back_as_png_with_its_metadata(server):
-    image, _, _ = client().predict(preset(), 11, api_name="/compose")
+    image, _, _ = client().predict(preset(), 11, [], api_name="/generate")
     data = open(image, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert "lora-studio" in Image.open(io.BytesIO(data)).text
+
+
+def test_the_named_endpoints_describe_methods_inspect_a_lora_and_open_a_preset(server, tiny_loras, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    api = client()
+    names = {endpoint.lstrip("/") for endpoint in api.view_api(print_info=False, return_format="dict")
+             ["named_endpoints"]}
+    assert {"generate", "inspect_lora", "methods", "open_preset", "stop", "upload_loras"} <= names
+    assert len(names) <= 8  # the page's own events are private: programs see a small, typed API
+    methods = api.predict(api_name="/methods")
+    assert methods["regional"]["schema"]["properties"]["auto_steps"]["minimum"] == 1
+    info = api.predict(handle_file(str(tiny_loras["alpha"])), api_name="/inspect_lora")
+    assert info["trigger_words"] == ["sks"] and info["base_model"] == "shapes-world" and len(info["sha256"]) == 64
+    opened = api.predict(None, "two-concepts", api_name="/open_preset")
+    assert opened["method"] and len(opened["loras"]) == 2
+    image, _, _ = api.predict(preset(), 3, [], api_name="/generate")
+    from_png = api.predict(handle_file(image), "", api_name="/open_preset")
+    assert from_png["seed"] == 3 and [lora["region"]["box"] for lora in from_png["loras"]] == [[0, 0, 0.5, 1],
+                                                                                             [0.5, 0, 1, 1]]
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(AppError, match="broken.json is not valid JSON"):
+        api.predict(handle_file(str(broken)), "", api_name="/open_preset")
+
+
+def test_generate_takes_the_lora_files_a_composition_names_along_with_it(server, tiny_loras):
+    from gradio_client import handle_file
+
+    composition = json.dumps({"prompt": "a gamma thing", "steps": 2,
+                              "loras": [{"file": "gamma.safetensors", "region": {"box": [0, 0, 0.5, 1]}}]})
+    image, _, note = client().predict(composition, 4, [handle_file(str(tiny_loras["gamma"]))],
+                                      api_name="/generate")
+    assert "seed 4" in note
+    assert json.loads(Image.open(image).text["lora-studio"])["loras"][0]["file"] == "gamma.safetensors"
