@@ -231,30 +231,48 @@ class StudioState:
                                   ) from None
 
     def calibrate(self) -> None:
-        """Time one UNet pass with classifier-free guidance at the model's native size, for the expected time of
-        a run before any has run on this device (tiny on the bundled model; on a CPU with SD-sized models it is
-        measured on the first run instead)."""
+        """Time one UNet pass with classifier-free guidance at the model's native size, so the page can tell the
+        expected time of a run before any has run on this device. Instant on the bundled model; for larger models
+        it runs in the background, holding the device like a run (a generation asked for meanwhile waits for it)."""
+        if self.size <= 128:
+            self._time_one_pass()
+            return
+
+        def in_background():
+            with self.lock:
+                try:
+                    self._time_one_pass()
+                except Exception:  # noqa: BLE001 — only an estimate: the first run measures it anyway
+                    log.warning("timing one UNet pass failed", exc_info=True)
+                release_memory()
+
+        threading.Thread(target=in_background, name="studio-calibrate", daemon=True).start()
+
+    def _time_one_pass(self) -> None:
         import torch
 
-        if self.pipe.device.type == "cpu" and self.size > 128:
-            return
-        unet = self.pipe.unet
-        latent = self.size // self.pipe.vae_scale_factor
-        sample = torch.randn(2, unet.config.in_channels, latent, latent, device=self.pipe.device, dtype=unet.dtype)
+        pipe, timing = self.pipe, self.timing
+        unet = pipe.unet
+        latent = self.size // pipe.vae_scale_factor
+        options = {"device": pipe.device, "dtype": unet.dtype}
+        sample = torch.randn(2, unet.config.in_channels, latent, latent, **options)
         dim = unet.config.cross_attention_dim
-        context = torch.zeros(2, 77, dim if isinstance(dim, int) else dim[0], device=self.pipe.device,
-                              dtype=unet.dtype)
+        context = torch.zeros(2, 77, dim if isinstance(dim, int) else dim[0], **options)
         extra = {}
-        if self.family == "sdxl":
-            extra = {"added_cond_kwargs": {"text_embeds": torch.zeros(2, 1280, device=self.pipe.device,
-                                                                      dtype=unet.dtype),
-                                           "time_ids": torch.zeros(2, 6, device=self.pipe.device, dtype=unet.dtype)}}
+        if unet.config.addition_embed_type == "text_time":
+            time_ids = unet.add_embedding.linear_1.in_features - pipe.text_encoder_2.config.projection_dim
+            extra = {"added_cond_kwargs": {"text_embeds": torch.zeros(2, pipe.text_encoder_2.config.projection_dim,
+                                                                      **options),
+                                           "time_ids": torch.zeros(2, time_ids // unet.config.addition_time_embed_dim,
+                                                                   **options)}}
         with torch.no_grad():
-            unet(sample, 10, context, **extra)
+            if self.size <= 128:  # a warm-up pass costs nothing here; on large models the estimate can take it
+                unet(sample, 10, context, **extra)
             start = time.perf_counter()
             unet(sample, 10, context, **extra)
             seconds = time.perf_counter() - start
-        self.timing.record(seconds, 1.0, self.size * self.size)
+        if timing.seconds_per_pass_pixel is None:  # a real run measured meanwhile is the better figure
+            timing.record(seconds, 1.0, self.size * self.size)
 
     # --- sessions ---------------------------------------------------------------------------------------------
 

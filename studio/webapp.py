@@ -37,7 +37,7 @@ DEVICE = {"concurrency_id": "device", "concurrency_limit": 1}  # one run (or mod
 CSS = """
 #title {margin-bottom: 0}
 .small-note {font-size: 0.85em; opacity: 0.8}
-#result img {image-rendering: pixelated}
+#result img, #history img {image-rendering: pixelated}
 .lora-card {border-left: 6px solid #888 !important}
 """ + "".join(f".lora-colour-{i} {{border-left-color: {c} !important}}\n" for i, c in enumerate(COLOURS)) + """
 .warning-note {color: #b3261e; font-size: 0.9em}

@@ -11,6 +11,7 @@ def running_app(tiny_pipe, tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
     tiny_pipe.save_pretrained(folder)
     demo = webapp.main(host="127.0.0.1", port=7871, model=str(folder), prevent_thread_lock=True)
+    demo.model_folder = folder
     yield demo
     demo.close()
 
@@ -19,6 +20,34 @@ def test_studio_serves_its_page_on_localhost(running_app):
     with urllib.request.urlopen("http://127.0.0.1:7871/", timeout=30) as response:
         assert response.status == 200
         assert "LoRA Studio" in response.read().decode()
+
+
+def test_the_model_panel_swaps_the_model_and_a_model_that_cannot_load_leaves_the_current_one(running_app, tmp_path):
+    from studio.errors import StudioError
+
+    state = running_app.studio_state
+    before = state.pipe
+    with pytest.raises(StudioError, match=r"^The model .*nowhere could not be loaded: .*the previous model stays loaded\.$"):
+        state.load_model(str(tmp_path / "nowhere"))
+    assert state.pipe is before and state.studio.pipe is before and not state.lock.locked()
+    state.load_model(None)  # the bundled model
+    assert state.model_ref is None and state.family == "shapes-world" and state.pipe is not before
+    assert state.timing.seconds_per_pass_pixel is not None  # timed at load: the page can tell a run's time
+    state.load_model(str(running_app.model_folder))
+    assert state.model_ref == str(running_app.model_folder)
+
+
+def test_a_lora_card_warns_in_one_sentence_when_the_lora_does_not_fit_the_model():
+    from types import SimpleNamespace
+
+    from studio.web_state import fit_warning, lora_card
+
+    sdxl = SimpleNamespace(base_model="sdxl", trigger_words=["ohwx"], format="kohya", rank=16, short_hash="abc")
+    card = lora_card("/loras/person.safetensors", sdxl, 0, "shapes-world")
+    assert card["warning"] == "person.safetensors is a LoRA for sdxl, not for the loaded shapes-world model."
+    assert card["trigger_words"] == ["ohwx"] and card["short_hash"] == "abc"
+    assert fit_warning(SimpleNamespace(base_model="unknown"), "sd1", "x.safetensors") == ""
+    assert fit_warning(None, "sd1", "gone.safetensors") == "gone.safetensors is not in the library."
 
 
 def test_every_methods_parameters_become_form_controls_from_its_schema():

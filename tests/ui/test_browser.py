@@ -3,6 +3,7 @@ the canvas, generates, reads the overlays and restores the composition by droppi
 and leaves another page's alone. Screenshots go to each test's output folder. Skipped where /usr/bin/chromium is not
 installed."""
 import json
+import re
 import shutil
 from contextlib import contextmanager
 
@@ -101,8 +102,14 @@ def test_a_designer_draws_two_boxes_paints_a_mask_generates_and_restores_it_from
         expect(page.get_by_label("Trigger words (comma separated)").first).to_have_value("sks")
         chips = page.locator("#canvas .chips button")
         chips.nth(0).click()
-        gesture(page, [(0.05, 0.1), (0.45, 0.6)])
-        expect(page.get_by_label("x1")).to_have_value("0.45", timeout=10_000)
+        gesture(page, [(0.05, 0.1), (0.40, 0.5)])
+        expect(page.get_by_label("x1")).to_have_value("0.4", timeout=10_000)
+        gesture(page, [(0.40, 0.5), (0.45, 0.6)])  # its corner: resized
+        expect(page.get_by_label("y1")).to_have_value("0.6", timeout=10_000)
+        gesture(page, [(0.2, 0.3), (0.25, 0.3)])  # inside it: moved
+        expect(page.get_by_label("x0")).to_have_value("0.1", timeout=10_000)
+        gesture(page, [(0.25, 0.3), (0.2, 0.3)])
+        expect(page.get_by_label("x0")).to_have_value("0.05", timeout=10_000)
         chips.nth(1).click()
         gesture(page, [(0.55, 0.1), (0.95, 0.6)])
         expect(page.get_by_label("x0")).to_have_value("0.55", timeout=10_000)
@@ -156,7 +163,9 @@ def test_stop_ends_only_this_pages_run_and_the_next_run_succeeds(studio, tmp_pat
         set_steps(second, 3)
         first.locator("#generate").click()
         expect(first.locator("#run-note")).to_contain_text("step", timeout=60_000)  # a live preview arrived
-        second.locator("#generate").click()  # waits in the device queue behind the long run
+        second.locator("#generate").click()  # waits in the device queue behind the long run, and says so
+        expect(second.get_by_text(re.compile(r"queue: 1/\d")).first).to_be_visible(timeout=30_000)
+        second.screenshot(path=str(tmp_path / "other-page-queued.png"), full_page=True)
         first.locator("#stop").click()
         expect(first.locator("#stop-note")).to_contain_text("Stopped your run at step", timeout=30_000)
         expect(second.locator("#run-note")).to_contain_text("UNet passes per step", timeout=60_000)
@@ -174,6 +183,20 @@ def test_stop_ends_only_this_pages_run_and_the_next_run_succeeds(studio, tmp_pat
         expect(second.locator("#canvas .chips button").first).to_have_text("alpha")  # the first page's last run
         expect(second.locator("#result img")).to_be_visible()
         second.screenshot(path=str(tmp_path / "history-used.png"), full_page=True)
+
+
+def test_a_bundled_example_preset_opens_with_its_loras_placed(studio):
+    from playwright.sync_api import expect
+
+    with browser() as chromium:
+        page = open_page(chromium, studio["url"])
+        pick(page, page.get_by_label("Example presets"), "two-concepts")
+        prompt = "a large solid red sks on the left and a large solid blue ohwx on the right, white background"
+        expect(page.get_by_label("Prompt", exact=True)).to_have_value(prompt, timeout=30_000)
+        expect(page.locator("#canvas .chips button")).to_have_count(2, timeout=30_000)
+        expect(page.get_by_label("Region prompt (default: the prompt)").nth(1)).to_have_value(
+            "a large solid blue ohwx on the right, white background")
+        expect(page.get_by_label("x1")).to_have_value("0.42")  # the first LoRA, active, as the preset places it
 
 
 def test_the_break_for_make_tab_explains_why_two_ordinary_loras_cannot_be_assembled(studio):
