@@ -325,6 +325,7 @@ def startup_times(log=print) -> dict:
 
 
 def serve_to_first_image(log=print) -> dict:
+    import shutil
     import socket
 
     from gradio_client import Client
@@ -333,8 +334,9 @@ def serve_to_first_image(log=print) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     start = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "studio.cli", "serve", "--port", str(port)], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    outputs = tempfile.mkdtemp(prefix="lora-studio-speed-")
+    server = subprocess.Popen([sys.executable, "-m", "studio.cli", "serve", "--port", str(port), "--outputs", outputs],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         client = None
         while client is None:
@@ -345,11 +347,12 @@ def serve_to_first_image(log=print) -> dict:
             except Exception:  # noqa: BLE001 — not listening yet
                 time.sleep(0.1)
         ready = time.perf_counter()
-        client.predict("two-concepts", 0, api_name="/compose")
+        client.predict("two-concepts", 0, [], api_name="/generate")
         done = time.perf_counter()
     finally:
         server.terminate()
         server.wait(timeout=60)
+        shutil.rmtree(outputs, ignore_errors=True)
     log(f"  studio serve → first image {done - start:.2f} s (page ready after {ready - start:.2f} s)")
     return {"serve_to_ready_s": round(ready - start, 3), "serve_to_first_image_s": round(done - start, 3),
             "first_image_s": round(done - ready, 3)}
