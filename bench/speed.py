@@ -3,7 +3,7 @@ official code runs it (bench/speed_references.py), all measured in one run.
 
 Per row: seconds per denoising step (the median of the measured steps after one warm-up step) and peak memory
 until the last step (resident-memory growth on CPU, sampled every 5 ms; torch.cuda.max_memory_allocated on GPU;
-the VAE decoding after it, the same for every method, is reported apart), each as a ratio to one LoRA on the same
+the VAE decoding after it, the same for every method, is run and reported on the baselines' rows only), each as a ratio to one LoRA on the same
 model in the same run. The machine's speed drifts by several per cent over minutes, so one LoRA is timed again
 before each group of N and each row's ratio is to the one-LoRA run nearest before it. Guided methods are timed on
 guided steps (the costly ones; every step of a 20-step run may be one); CLoRA's whole-generation ratio adds its
@@ -97,8 +97,14 @@ class PeakMemory:
         return False
 
 
-def measure(pipe, composition, method_context=None) -> dict:
-    """Run a composition, timing each step; with `method_context` (a context manager) the method runs inside it."""
+def measure(pipe, composition, method_context=None, decode: bool = True) -> dict:
+    """Run a composition, timing each step; with `method_context` (a context manager) the method runs inside it.
+    `decode=False` skips the VAE decoding after the last step (the same for every method, seconds on a CPU): the
+    baselines' rows report it, the others' stop at the latents."""
+    from unittest import mock
+
+    from PIL import Image
+
     from studio.compose import compose
 
     stamps, denoising_peak = [], []
@@ -111,11 +117,13 @@ def measure(pipe, composition, method_context=None) -> dict:
         if info.step == info.total - 1:
             denoising_peak.append(memory.so_far())
 
-    with (method_context or nullcontext()), PeakMemory(device) as memory, torch.no_grad():  # guidance enables its own
-        start = time.perf_counter()
+    skip_decoding = nullcontext() if decode else mock.patch("studio.engine.decode",
+                                                            lambda _pipe, _latents: Image.new("RGB", (8, 8)))
+    with (method_context or nullcontext()), skip_decoding, PeakMemory(device) as memory, torch.no_grad():
+        start = time.perf_counter()  # (guidance enables its own gradients)
         result = compose(pipe, composition, callback=tick)
     steps = [b - a for a, b in zip([start] + stamps[:-1], stamps)]
-    return {"steps": steps, "peak": denoising_peak[0], "peak_with_decoding": memory.peak,
+    return {"steps": steps, "peak": denoising_peak[0], "peak_with_decoding": memory.peak if decode else None,
             "latents": result.latents.float().cpu(), "passes": result.info.get("unet_passes_per_step")}
 
 
@@ -249,6 +257,7 @@ def model_rows(model: str, ns: list[int], size: int, steps: int, device: str, dt
     measured, checks, drift, local_baseline, skipped = {}, [], {}, {}, []
     latest_one = None  # the last one-LoRA run's own seconds per step: each row's ratio is to the one nearest in time
     for method, n, way in plan:
+        started = time.perf_counter()
         composition = composition_for(method, n, files, pair, size, steps)
         context = None
         if way == "official":
@@ -263,20 +272,21 @@ def model_rows(model: str, ns: list[int], size: int, steps: int, device: str, dt
                 log(f"  {model} {method} N={n} diffusers: skipped ({str(exc)[:120]})")
                 continue
         else:
-            run = measure(pipe, composition, context)
+            run = measure(pipe, composition, context, decode=method in ("plain", "one_lora"))
         per_step, guidance_iteration = timed_steps(method, run["steps"])
         first = measured.get((method, n, way))
         if first is not None:  # a baseline measured again: every run's steps pooled, its drift kept
             drift[method] = round(per_step / first["first_s_per_step"] - 1, 3)
             run = {**run, "steps": first["steps"] + run["steps"][1:], "peak": max(first["peak"], run["peak"]),
-                   "peak_with_decoding": max(first["peak_with_decoding"], run["peak_with_decoding"])}
+                   "peak_with_decoding": max(first["peak_with_decoding"] or 0, run["peak_with_decoding"] or 0) or None}
             per_step = statistics.median(run["steps"][1:])
         run["first_s_per_step"] = first["first_s_per_step"] if first is not None else per_step
         if (method, way) == ("one_lora", "ours"):
             latest_one = statistics.median(run["steps"][-steps:])  # this run's own measured steps
         local_baseline[(method, n, way)] = latest_one
         measured[(method, n, way)] = {**run, "s_per_step": per_step, "guidance_iteration": guidance_iteration}
-        log(f"  {model} {method:14s} N={n} {way:8s} {per_step:7.3f} s/step  peak {run['peak'] / 1e6:8.1f} MB")
+        log(f"  {model} {method:14s} N={n} {way:8s} {per_step:7.3f} s/step  peak {run['peak'] / 1e6:8.1f} MB  "
+            f"({time.perf_counter() - started:.0f} s)")
         if way == "official" and SAME_MATHS[method]:
             ours, theirs = measured[(method, n, "ours")]["latents"], run["latents"]
             difference = float((ours - theirs).abs().max() / ours.abs().max())
@@ -290,7 +300,8 @@ def model_rows(model: str, ns: list[int], size: int, steps: int, device: str, dt
                "ratio": round(run["s_per_step"] / baseline, 3), "one_lora_s_per_step_nearest": round(baseline, 4),
                "peak_mem_ratio": round(run["peak"] / max(one["peak"], 1), 3),
                "peak_mem_mb": round(run["peak"] / 1e6, 1),
-               "peak_mem_with_decoding_mb": round(run["peak_with_decoding"] / 1e6, 1),
+               "peak_mem_with_decoding_mb": (round(run["peak_with_decoding"] / 1e6, 1) if run["peak_with_decoding"]
+                                             else None),
                "unet_passes_per_step": run["passes"]}
         if run["guidance_iteration"] is not None:
             # the default schedule on 20 steps: every step guided, and 19 more iterations at steps 0 and 10

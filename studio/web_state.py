@@ -437,10 +437,40 @@ class StudioState:
         threading.Thread(target=work, name="studio-run", daemon=True).start()
         return events
 
+    def generate(self, composition: Composition, session_key: str | None, on_step=None):
+        """One run from start to end, for a caller that waits (the API): admitted first (a StudioError before
+        anything runs), then saved in the outputs folder. Returns (result, image path, seconds); a failure is a
+        StudioError in one sentence (Cancelled when this session's Stop ended it)."""
+        from studio.api import studio_error_sentence
+
+        events = self.start(self.admit(composition), session_key)
+        finished = False
+        try:
+            while True:
+                event = events.get()
+                if event.kind != "step":
+                    finished = True
+                    break
+                if on_step is not None:
+                    on_step(event)
+        finally:
+            if not finished:  # the caller went away: end the run too
+                self.session(session_key).cancel.set()
+        if event.kind == "failed":
+            if isinstance(event.error, StudioError):
+                raise event.error
+            raise StudioError(studio_error_sentence(event.error))
+        return event.result, self.save(event.result), event.seconds
+
     def save(self, result) -> Path:
-        """The result in the outputs folder (PNG with its composition, its maps and masks beside it)."""
+        """The result in the outputs folder: the PNG with its composition, its preset (.json) and its maps and
+        masks beside it. Returns the PNG's path."""
+        from studio.spec import save_preset
+
         stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}-{result.composition.method}-{result.seed}"
-        return result.save(self.outputs, stem)[0]
+        image = result.save(self.outputs, stem)[0]
+        save_preset(result.composition, image.with_suffix(".json"))
+        return image
 
     def history(self, limit: int = 200) -> list[Path]:
         """The results in the outputs folder, newest first (their maps and masks are not listed)."""

@@ -22,7 +22,7 @@ from composers import registry
 from studio import paths
 from studio.errors import Cancelled, StudioError
 from studio.samplers import SAMPLERS
-from studio.spec import Composition, composition_from_json, load_preset, save_preset
+from studio.spec import Composition, composition_from_json, load_preset
 from studio.web_canvas import RegionCanvas, canvas_value
 from studio.web_state import (BUNDLED, COLOURS, StudioState, apply_canvas, canvas_loras, concept_label, concept_layers,
                               draft_composition, enlarged, family_sizes, overlaid, parse_size, region_kind, size_label)
@@ -547,7 +547,6 @@ def build_ui(state: StudioState) -> gr.Blocks:
                         state.session(session).cancel.set()
                 saved = state.save(event.result)
                 preset_path = saved.with_suffix(".json")
-                save_preset(event.result.composition, preset_path)
                 concepts = overlay_choices(saved)
                 d["background"] = data_uri(event.result.image)
                 note = (f"{event.result.image.width}×{event.result.image.height}, seed {one.seed}, in "
@@ -706,34 +705,16 @@ def add_api(state: StudioState) -> None:
         try:
             for file in loras or []:
                 state.upload(file if isinstance(file, str) else file.name)
-            parsed = state.admit(composition_from_text(state, composition, seed))
+            result, saved, seconds = state.generate(
+                composition_from_text(state, composition, seed), request.session_hash,
+                on_step=lambda event: progress((event.step, event.total), desc=step_description(event, 0, 1)))
+        except Cancelled as exc:
+            return None, None, f"Stopped: {exc}"
         except StudioError as exc:
             raise gr.Error(str(exc)) from None
-        events = state.start(parsed, request.session_hash)
-        finished = False
-        try:
-            while True:
-                event = events.get()
-                if event.kind == "step":
-                    progress((event.step, event.total), desc="step")
-                    continue
-                finished = True
-                break
-        finally:
-            if not finished:
-                state.session(request.session_hash).cancel.set()
-        if event.kind == "failed":
-            if isinstance(event.error, Cancelled):
-                return None, None, f"Stopped: {event.error}"
-            from studio.api import studio_error_sentence
-
-            raise gr.Error(studio_error_sentence(event.error))
-        saved = state.save(event.result)
-        preset_path = saved.with_suffix(".json")
-        save_preset(event.result.composition, preset_path)
-        note = (f"{event.result.image.width}×{event.result.image.height} in {event.seconds:.2f} s · seed "
-                f"{parsed.seed} · {event.result.info['unet_passes_per_step']:.2f} UNet passes per step")
-        return str(saved), str(preset_path), note
+        note = (f"{result.image.width}×{result.image.height} in {seconds:.2f} s · seed {result.seed} · "
+                f"{result.info['unet_passes_per_step']:.2f} UNet passes per step")
+        return str(saved), str(saved.with_suffix(".json")), note
 
     api_button.click(generate, [api_composition, api_seed, api_files], [api_image, api_preset, api_note],
                      api_name="generate", **DEVICE)
