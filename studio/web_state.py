@@ -399,9 +399,10 @@ class StudioState:
         self.studio.check(composition)
         return composition
 
-    def start(self, composition: Composition, session_key: str | None) -> queue.Queue:
+    def start(self, composition: Composition, session_key: str | None, previews: bool = True) -> queue.Queue:
         """Start one run in its own thread; its RunEvents arrive on the returned queue (the last is "done" or
-        "failed"). The device lock makes runs wait for each other; Stop (this session's) ends it within a step."""
+        "failed"), with a preview every PREVIEW_EVERY steps when `previews`. The device lock makes runs wait for
+        each other; Stop (this session's) ends it within a step."""
         run = self.session(session_key)
         run.start(composition.steps)
         events: queue.Queue = queue.Queue()
@@ -409,7 +410,7 @@ class StudioState:
         def step_callback(step):
             run.step = step.step + 1
             preview = None
-            if (step.step + 1) % PREVIEW_EVERY == 0 and step.step + 1 < step.total:
+            if previews and (step.step + 1) % PREVIEW_EVERY == 0 and step.step + 1 < step.total:
                 preview = preview_image(self.pipe, step.latents)
             events.put(RunEvent("step", step.step + 1, step.total, preview, elapsed=step.elapsed))
             return not run.cancel.is_set()
@@ -443,7 +444,7 @@ class StudioState:
         StudioError in one sentence (Cancelled when this session's Stop ended it)."""
         from studio.api import studio_error_sentence
 
-        events = self.start(self.admit(composition), session_key)
+        events = self.start(self.admit(composition), session_key, previews=False)
         finished = False
         try:
             while True:
