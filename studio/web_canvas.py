@@ -264,8 +264,17 @@ def canvas_value(width: int, height: int, loras: list[dict], active: int = 0, ba
 
 def mask_is_empty(data_uri: str | None) -> bool:
     """True for no mask, or a painted mask with nothing white left in it (all erased)."""
+    from attention.masks import MAX_MASK_PIXELS
+    from studio.errors import PresetError
+
     if not data_uri:
         return True
     _, _, payload = data_uri.partition(",")
-    with Image.open(io.BytesIO(base64.b64decode(payload))) as image:
-        return not (np.asarray(image.convert("L")) > 127).any()
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(payload, validate=True))) as image:
+            if image.width * image.height > MAX_MASK_PIXELS:
+                raise PresetError(f"The painted mask is {image.width}×{image.height} pixels; a mask is at most "
+                                  f"{MAX_MASK_PIXELS} pixels.")
+            return not (np.asarray(image.convert("L")) > 127).any()
+    except (ValueError, OSError, Image.DecompressionBombError) as exc:
+        raise PresetError(f"The painted mask is not a readable PNG image ({str(exc)[:80] or 'corrupt'}).") from None

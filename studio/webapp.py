@@ -418,7 +418,10 @@ def build_ui(state: StudioState) -> gr.Blocks:
         upload.upload(on_upload, upload, [table, upload_note, *lora_dropdowns], api_name="upload_loras")
 
         def on_canvas(value, d):
-            apply_canvas(d, value or {})
+            try:
+                apply_canvas(d, value or {})
+            except StudioError as exc:
+                raise gr.Error(str(exc)) from None
             return d, *fine_fields(d)
 
         canvas.edit(on_canvas, [canvas, draft], [draft, *fine_outputs], **QUICK)

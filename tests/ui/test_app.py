@@ -107,6 +107,7 @@ def test_the_canvas_edits_become_the_drafts_regions(tmp_path):
 
     from PIL import Image
 
+    from studio.errors import StudioError
     from studio.web_state import apply_canvas, draft_composition
 
     def painted(white: bool) -> str:
@@ -126,6 +127,8 @@ def test_the_canvas_edits_become_the_drafts_regions(tmp_path):
     assert draft["active"] == 2
     assert draft["loras"][0]["region"] == {"box": [0.1, 0.2, 0.5, 0.9]}
     assert draft["loras"][1]["region"] is None
+    with pytest.raises(StudioError, match=r"^The painted mask is not a readable PNG image"):
+        apply_canvas(draft, {"loras": [{"box": None, "mask": "data:image/png;base64,bm90IGEgcG5n"}]})
     composition = draft_composition(draft, {"prompt": "p", "width": 64, "height": 64})
     assert composition.loras[2].region.mask.startswith("data:image/png;base64,")
     assert composition.loras[0].trigger_words == ["a"]
