@@ -12,6 +12,7 @@ import shutil
 import threading
 import time
 import uuid
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,7 +129,8 @@ def apply_canvas(draft: dict, value: dict) -> None:
 # --- one session's run ------------------------------------------------------------------------------------------
 
 class SessionRun:
-    """One session's current run: its Stop flag and how far it has come."""
+    """One session's current run: its Stop flag and how far it has come. Each run gets a flag of its own, so a
+    stopped run still finishing its last step is not revived when the same session starts the next one."""
 
     def __init__(self):
         self.cancel = threading.Event()
@@ -136,12 +138,14 @@ class SessionRun:
         self.step = 0
         self.total = 0
 
-    def start(self, total: int) -> None:
-        self.cancel.clear()
+    def start(self, total: int) -> threading.Event:
+        self.cancel = threading.Event()
         self.step, self.total, self.running = 0, total, True
+        return self.cancel
 
-    def finish(self) -> None:
-        self.running = False
+    def finish(self, cancel: threading.Event) -> None:
+        if cancel is self.cancel:  # a newer run of the session is still going
+            self.running = False
 
 
 @dataclass
@@ -189,7 +193,6 @@ class StudioState:
         self.models = model_folders(models)
         self.models_root = models
         self.lock = threading.Lock()  # the device: one run (or model load) at a time
-        self.timing = Timing()
         self._load(model, limits)
         self.outputs = Path(outputs).expanduser() if outputs else default_outputs_folder()
         self.outputs.mkdir(parents=True, exist_ok=True)
@@ -217,13 +220,9 @@ class StudioState:
         one in place."""
         model = None if not model or model == BUNDLED else model
         with self.lock:
-            previous = self.studio
             try:
-                self._load(model)
+                self._load(model)  # changes nothing until the model has loaded
             except Exception as exc:
-                self.studio = previous
-                self.model_ref, self.pipe, self.family = previous.model_ref, previous.pipe, previous.family
-                self.size, self.limits = previous.size, previous.limits
                 from studio.api import studio_error_sentence
 
                 raise StudioError(f"The model {model} could not be loaded: "
@@ -234,16 +233,19 @@ class StudioState:
         """Time one UNet pass with classifier-free guidance at the model's native size, so the page can tell the
         expected time of a run before any has run on this device. Instant on the bundled model; for larger models
         it runs in the background, holding the device like a run (a generation asked for meanwhile waits for it)."""
+        def time_one_pass():
+            try:
+                self._time_one_pass()
+            except Exception:  # noqa: BLE001 — only an estimate: the first run measures it anyway
+                log.warning("timing one UNet pass failed", exc_info=True)
+
         if self.size <= 128:
-            self._time_one_pass()
+            time_one_pass()
             return
 
         def in_background():
             with self.lock:
-                try:
-                    self._time_one_pass()
-                except Exception:  # noqa: BLE001 — only an estimate: the first run measures it anyway
-                    log.warning("timing one UNet pass failed", exc_info=True)
+                time_one_pass()
                 release_memory()
 
         threading.Thread(target=in_background, name="studio-calibrate", daemon=True).start()
@@ -361,7 +363,7 @@ class StudioState:
                 Composition(prompt="", loras=[entry])).loras[0].file)
         except StudioError:
             path = entry.file
-        card = self.new_card(path, index) if Path(path).is_file() else lora_card(path, None, index, self.family)
+        card = self.new_card(path, index)
         region = entry.region.model_dump(exclude_none=True) if entry.region else None
         if region and region.get("mask") and not region["mask"].startswith("data:"):
             from attention.masks import mask_data_uri
@@ -392,33 +394,38 @@ class StudioState:
 
     # --- running ---------------------------------------------------------------------------------------------
 
-    def admit(self, composition: Composition) -> Composition:
+    def admit(self, composition: Composition, images: int = 1) -> Composition:
         """The composition as it will run, or a StudioError before anything runs: LoRA files and masks only from
-        the library folders, the method, its parameters and the limits checked."""
+        the library folders, the method, its parameters and the limits (for `images` images) checked."""
         composition = self.studio.library.resolve_files(composition)
-        self.studio.check(composition)
+        self.studio.check(composition, images=images)
         return composition
 
-    def start(self, composition: Composition, session_key: str | None, previews: bool = True) -> queue.Queue:
-        """Start one run in its own thread; its RunEvents arrive on the returned queue (the last is "done" or
-        "failed"), with a preview every PREVIEW_EVERY steps when `previews`. The device lock makes runs wait for
-        each other; Stop (this session's) ends it within a step."""
+    def run_events(self, composition: Composition, session_key: str | None, previews: bool = True):
+        """Run one composition (as admitted) in a thread of its own and yield its RunEvents: one per step (with a
+        preview every PREVIEW_EVERY steps when `previews`), then the "done" one. A failure is raised as a
+        StudioError in one sentence (Cancelled when this session's Stop ended the run). Closing the generator
+        before the end (the page went away, Gradio cancelled it) stops the run within a step. The device lock makes
+        runs wait for each other."""
+        from studio.api import studio_error_sentence
+
         run = self.session(session_key)
-        run.start(composition.steps)
+        cancel = run.start(composition.steps)
         events: queue.Queue = queue.Queue()
 
         def step_callback(step):
-            run.step = step.step + 1
+            if cancel is run.cancel:
+                run.step = step.step + 1
             preview = None
             if previews and (step.step + 1) % PREVIEW_EVERY == 0 and step.step + 1 < step.total:
                 preview = preview_image(self.pipe, step.latents)
             events.put(RunEvent("step", step.step + 1, step.total, preview, elapsed=step.elapsed))
-            return not run.cancel.is_set()
+            return not cancel.is_set()
 
         def work():
             try:
                 with self.lock:
-                    if run.cancel.is_set():
+                    if cancel.is_set():
                         raise Cancelled("Stopped before it started.")
                     start = time.perf_counter()
                     result = self.studio.run(composition, step_callback)
@@ -433,34 +440,35 @@ class StudioState:
                     release_memory()
                 events.put(RunEvent("failed", error=exc))
             finally:
-                run.finish()
+                run.finish(cancel)
 
         threading.Thread(target=work, name="studio-run", daemon=True).start()
-        return events
+        finished = False
+        try:
+            while True:
+                event = events.get()
+                if event.kind == "step":
+                    yield event
+                    continue
+                finished = True
+                if event.kind == "failed":
+                    if isinstance(event.error, StudioError):
+                        raise event.error
+                    raise StudioError(studio_error_sentence(event.error))
+                yield event
+                return
+        finally:
+            if not finished:
+                cancel.set()
 
     def generate(self, composition: Composition, session_key: str | None, on_step=None):
         """One run from start to end, for a caller that waits (the API): admitted first (a StudioError before
         anything runs), then saved in the outputs folder. Returns (result, image path, seconds); a failure is a
         StudioError in one sentence (Cancelled when this session's Stop ended it)."""
-        from studio.api import studio_error_sentence
-
-        events = self.start(self.admit(composition), session_key, previews=False)
-        finished = False
-        try:
-            while True:
-                event = events.get()
-                if event.kind != "step":
-                    finished = True
-                    break
-                if on_step is not None:
+        with closing(self.run_events(self.admit(composition), session_key, previews=False)) as events:
+            for event in events:
+                if event.kind == "step" and on_step is not None:
                     on_step(event)
-        finally:
-            if not finished:  # the caller went away: end the run too
-                self.session(session_key).cancel.set()
-        if event.kind == "failed":
-            if isinstance(event.error, StudioError):
-                raise event.error
-            raise StudioError(studio_error_sentence(event.error))
         return event.result, self.save(event.result), event.seconds
 
     def save(self, result) -> Path:

@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import uuid
+from contextlib import closing
 from pathlib import Path
 
 import gradio as gr
@@ -516,38 +517,28 @@ def build_ui(state: StudioState) -> gr.Blocks:
                       "guidance": float(guidance_value), "seed": int(seed_value or 0),
                       "scheduler": None if sampler_value == MODEL_DEFAULT else sampler_value}
             try:
-                composition = state.admit(draft_composition(d, fields))
                 images = int(batch_value or 1)
-                state.studio.check(composition, images=images)
+                composition = state.admit(draft_composition(d, fields), images=images)
             except StudioError as exc:
                 raise gr.Error(str(exc)) from None
-            session = request.session_hash
             for k in range(images):
                 one = composition.with_overrides(seed=(composition.seed + k) % 2**64)
-                events = state.start(one, session)
-                finished = False
                 try:
-                    while True:
-                        event = events.get()
-                        if event.kind == "step":
+                    # closed with this generator (Stop, a closed page): the run then ends within a step
+                    with closing(state.run_events(one, request.session_hash)) as events:
+                        for event in events:
+                            if event.kind != "step":
+                                break
                             progress((event.step, event.total), desc=step_description(event, k, images),
                                      unit="steps")
                             if event.preview is not None:
                                 yield {result: enlarged(event.preview),
                                        info: f"Image {k + 1} of {images}: step {event.step} of {event.total}…"}
-                            continue
-                        finished = True
-                        if event.kind == "failed":
-                            if isinstance(event.error, Cancelled):
-                                yield {info: f"Stopped: {event.error}"}
-                                return
-                            from studio.api import studio_error_sentence
-
-                            raise gr.Error(studio_error_sentence(event.error))
-                        break
-                finally:
-                    if not finished:  # Gradio closed this generator (Stop, a closed page): end the run too
-                        state.session(session).cancel.set()
+                except Cancelled as exc:
+                    yield {info: f"Stopped: {exc}"}
+                    return
+                except StudioError as exc:
+                    raise gr.Error(str(exc)) from None
                 saved = state.save(event.result)
                 preset_path = saved.with_suffix(".json")
                 concepts = overlay_choices(saved)
