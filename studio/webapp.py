@@ -503,8 +503,8 @@ def build_ui(state: StudioState) -> gr.Blocks:
 
         # --- generating -----------------------------------------------------------------------------------------
 
-        def history_items():
-            return [(str(p), p.stem.split("-", 3)[-1]) for p in state.history()]
+        def history_items():  # captioned by file name: a selection names its file (the list may have grown since)
+            return [(str(p), p.stem) for p in state.history()]
 
         def overlay_choices(path: Path | None) -> list[str]:
             return [concept_label(name) for name in concept_layers(path)] if path else []
@@ -576,8 +576,9 @@ def build_ui(state: StudioState) -> gr.Blocks:
         # --- history --------------------------------------------------------------------------------------------
 
         def on_pick(evt: gr.SelectData):
-            items = state.history()
-            return str(items[evt.index]) if evt.index is not None and evt.index < len(items) else None
+            caption = evt.value.get("caption") if isinstance(evt.value, dict) else None
+            picked_path = state.outputs / f"{Path(str(caption)).name}.png" if caption else None
+            return str(picked_path) if picked_path is not None and picked_path.is_file() else None
 
         history.select(on_pick, None, picked, **QUICK)
 

@@ -177,6 +177,9 @@ def test_stop_ends_only_this_pages_run_and_the_next_run_succeeds(studio, tmp_pat
 
         # the history keeps every result; any of them gives its composition back
         second.get_by_role("tab", name="History").click()
+        second.get_by_role("button", name="↻ Refresh").click()  # the first page's run came after this page's
+        results = [p for p in studio["outputs"].glob("*.png") if not p.stem.endswith(("-map", "-mask"))]
+        expect(second.locator("#history img")).to_have_count(len(results), timeout=30_000)
         second.locator("#history img").first.click()
         second.locator("#use-history").click()
         expect(second.locator("#canvas .chips button")).to_have_count(1, timeout=30_000)
