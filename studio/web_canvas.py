@@ -158,13 +158,11 @@ function inside(box, p) { return box && p[0] >= box[0] && p[0] <= box[2] && p[1]
 function paintAt(p, last) {
   const v = S(), m = masks[v.active]; if (!m) return;
   const radius = Number(brushInput.value) / 200 * Math.max(v.width, v.height);
-  for (const [target, colour] of [[m.mask, tool === 'paint' ? '#fff' : '#000']]) {
-    const g = target.getContext('2d');
-    g.strokeStyle = colour; g.fillStyle = colour; g.lineCap = 'round'; g.lineWidth = 2 * radius;
-    g.beginPath(); g.moveTo((last || p)[0] * v.width, (last || p)[1] * v.height);
-    g.lineTo(p[0] * v.width, p[1] * v.height); g.stroke();
-    g.beginPath(); g.arc(p[0] * v.width, p[1] * v.height, radius, 0, 2 * Math.PI); g.fill();
-  }
+  const g = m.mask.getContext('2d'), colour = tool === 'paint' ? '#fff' : '#000';
+  g.strokeStyle = colour; g.fillStyle = colour; g.lineCap = 'round'; g.lineWidth = 2 * radius;
+  g.beginPath(); g.moveTo((last || p)[0] * v.width, (last || p)[1] * v.height);
+  g.lineTo(p[0] * v.width, p[1] * v.height); g.stroke();
+  g.beginPath(); g.arc(p[0] * v.width, p[1] * v.height, radius, 0, 2 * Math.PI); g.fill();
   retint(v.active);
   v.loras[v.active].mask = v.loras[v.active].mask || 'painting';
   draw();
@@ -173,7 +171,7 @@ function paintAt(p, last) {
 board.addEventListener('pointerdown', (e) => {
   const v = S(); if (!v.loras.length) return;
   board.setPointerCapture(e.pointerId);
-  const p = point(e);
+  const p = point(e), activeBefore = v.active;
   if (tool !== 'box') { gesture = {kind: 'paint', last: p}; paintAt(p, null); return; }
   const [w, h] = size();
   const active = v.loras[v.active];
@@ -181,16 +179,16 @@ board.addEventListener('pointerdown', (e) => {
     const [x0, y0, x1, y1] = active.box;
     for (const [cx, cy, ix, iy] of [[x0, y0, 0, 1], [x1, y0, 2, 1], [x0, y1, 0, 3], [x1, y1, 2, 3]]) {
       if (Math.abs(cx - p[0]) * w < 10 && Math.abs(cy - p[1]) * h < 10) {
-        gesture = {kind: 'resize', ix, iy, box: [...active.box]}; return;
+        gesture = {kind: 'resize', ix, iy, box: [...active.box], activeBefore}; return;
       }
     }
   }
   let hit = inside(active && active.box, p) ? v.active : v.loras.findIndex(l => inside(l.box, p));
   if (hit >= 0) {
     if (hit !== v.active) { props.value = {...v, active: hit}; renderChips(); }
-    gesture = {kind: 'move', start: p, box: [...S().loras[hit].box]}; return;
+    gesture = {kind: 'move', start: p, box: [...S().loras[hit].box], activeBefore}; return;
   }
-  gesture = {kind: 'new', start: p, box: [p[0], p[1], p[0], p[1]]};
+  gesture = {kind: 'new', start: p, box: [p[0], p[1], p[0], p[1]], activeBefore};
 });
 
 board.addEventListener('pointermove', (e) => {
@@ -224,8 +222,7 @@ board.addEventListener('pointerup', () => {
     if (b[2] - b[0] < 0.03 || b[3] - b[1] < 0.03) { lora.box = g.kind === 'new' ? null : g.box; }
     else lora.box = b;
     if (lora.box) masks[v.active] = {mask: blankMask(v.width, v.height), tint: masks[v.active].tint};
-  } else if (g.kind !== 'new') { return; }
-  else { lora.box = lora.box || null; }
+  } else if (g.activeBefore === v.active) { return; }  // a click that changed nothing
   commit({...v, loras: v.loras.map(l => ({...l}))});
 });
 
