@@ -21,7 +21,6 @@ from studio.engine import Session, unet_pass_until
 
 
 class LoraComposerParams(RegionalParams):
-    concept_isolation: bool = Field(True, description="Queries in box k cannot attend keys in another box.")
     latent_reinit: bool = Field(True, description="Move the best-matching noise patch into each box first.")
     guidance_steps: int = Field(26, ge=0, description="Latent guidance on steps 0..N-1 at most (official: 26, "
                                                        "it stops once step 25 is guided).")
@@ -131,7 +130,6 @@ class LoraComposer(RegionalComposer):
             raise PresetError("LoRA-Composer guides each concept into a box it is given; for regions placed "
                               "automatically use the regional method.")
         super().setup(session)
-        session.controller.isolate_concepts = self.params.concept_isolation
 
     def concept_tokens(self, session: Session, index: int, name: str) -> list[int]:
         """The tokens guidance steers: the concept's trigger words in its region prompt, else its class noun

@@ -29,6 +29,9 @@ class RegionalParams(BaseModel):
     regional_layers: str = Field("all", pattern="^(all|cross_attention)$",
                                  description="LoRA layers masked by region: every layer ('all') or only "
                                              "cross-attention ('cross_attention').")
+    concept_isolation: bool = Field(True, description="Self-attention: places in one concept's region do not attend "
+                                                      "places in another's (LoRA-Composer's concept isolation); without "
+                                                      "it small objects vanish beside large ones.")
     auto_steps: int = Field(3, ge=1, description="Concepts placed automatically (region auto): the first steps, run "
                                                  "once without their LoRAs, whose attention to their trigger words "
                                                  "places them before the run starts.")
@@ -66,6 +69,7 @@ class RegionalComposer(Composer):
     def setup(self, session: Session) -> None:
         ctrl = session.controller
         ctrl.regional_layers = self.params.regional_layers
+        ctrl.isolate_concepts = self.params.concept_isolation
         regions = {name: latent_region(entry, session.latent_size) for name, entry in session.adapters.items()}
         ctrl.adapter_regions = {name: mask for name, mask in regions.items() if mask is not None}
         auto = [name for name, entry in session.adapters.items() if entry.region is not None and entry.region.auto]

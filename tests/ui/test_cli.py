@@ -28,7 +28,7 @@ def test_methods_lists_every_method_with_parameters_and_passes():
     methods = {m["name"]: m for m in json.loads(result.stdout)}
     assert {"regional", "lora_composer", "clora", "merge", "switch", "composite", "b4m", "k_lora"} <= set(methods)
     assert methods["lora_composer"]["params"]["step_size"]["default"] == 20.0
-    assert methods["clora"]["params"]["mask_threshold"]["default"] == 0.3
+    assert methods["clora"]["params"]["mask_threshold"]["default"] == 0.1
     assert methods["switch"]["params"]["switch_step"]["default"] == 5
     assert all(m["summary"] and m["unet_passes_per_step"] for m in methods.values())
     text = runner.invoke(app, ["methods"]).stdout
