@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parent.parent
 LORAS = ROOT / "assets" / "loras"
 SUITES = ("distinct", "entangled", "three", "style", "layouts")
-BOX_METHODS = ("merge", "regional", "lora_composer", "clora", "composite", "switch", "k_lora")
+BOX_METHODS = ("merge", "regional", "latent_couple", "lora_composer", "clora", "composite", "switch", "k_lora")
 SPLIT_SEED = {"test": 0, "dev": 100_000}
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 BACKGROUNDS = ("white", "grey", "black")
