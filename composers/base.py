@@ -60,8 +60,9 @@ class Composer:
         return 1.0
 
     @classmethod
-    def expected_passes(cls, n_loras: int, steps: int, params: BaseModel) -> float:
-        """The `passes` a run will report, estimated before it runs (the web studio's cost line)."""
+    def expected_passes(cls, n_loras: int, steps: int, params: BaseModel, auto_regions: int = 0) -> float:
+        """The `passes` a run will report, estimated before it runs (the web studio's cost line); `auto_regions`:
+        how many of the LoRAs have a region placed automatically."""
         return 1.0
 
     @classmethod

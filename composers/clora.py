@@ -231,7 +231,7 @@ class ClorComposer(Composer):
         return report
 
     @classmethod
-    def expected_passes(cls, n_loras: int, steps: int, params) -> float:
+    def expected_passes(cls, n_loras: int, steps: int, params, auto_regions: int = 0) -> float:
         if n_loras < 2 or not params.latent_update:
             return 1.0
         guided = sum(params.inner_iters if step in params.inner_steps else 1 for step in range(min(params.max_iter,

@@ -66,7 +66,7 @@ class CompositeComposer(Composer):
         return classifier_free_guidance(out[:n].mean(0, keepdim=True), out[n:].mean(0, keepdim=True), session.guidance)
 
     @classmethod
-    def expected_passes(cls, n_loras: int, steps: int, params) -> float:
+    def expected_passes(cls, n_loras: int, steps: int, params, auto_regions: int = 0) -> float:
         return float(max(1, n_loras))
 
     def passes(self, session: Session) -> float:

@@ -68,7 +68,7 @@ class LatentCoupleComposer(Composer):
         return {}, {name: mask.cpu() for name, mask in self.masks.items()}
 
     @classmethod
-    def expected_passes(cls, n_loras: int, steps: int, params) -> float:
+    def expected_passes(cls, n_loras: int, steps: int, params, auto_regions: int = 0) -> float:
         return float(n_loras + 1) if n_loras else 1.0
 
     def passes(self, session: Session) -> float:

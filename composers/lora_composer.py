@@ -223,7 +223,7 @@ class LoraComposer(RegionalComposer):
         return {"guidance_losses": list(self.loss_history)}
 
     @classmethod
-    def expected_passes(cls, n_loras: int, steps: int, params) -> float:
+    def expected_passes(cls, n_loras: int, steps: int, params, auto_regions: int = 0) -> float:
         """At most: guidance may stop early (the official loop's stop test)."""
         guided = min(params.guidance_steps, steps) if n_loras >= 2 else 0
         return 1.0 + guided / steps + (1.0 / steps if params.latent_reinit else 0.0)

@@ -153,6 +153,11 @@ class RegionalComposer(Composer):
     def passes(self, session: Session) -> float:
         return 1.0 + (min(self.params.auto_steps, session.steps) / session.steps if self.auto_tokens else 0.0)
 
+    @classmethod
+    def expected_passes(cls, n_loras: int, steps: int, params, auto_regions: int = 0) -> float:
+        """The probing steps that place automatic regions are one more pass each, spread over the run."""
+        return 1.0 + (min(params.auto_steps, steps) / steps if auto_regions else 0.0)
+
     def _place_auto_regions(self, session: Session) -> None:
         """Each automatic concept's region from its summed map: the places where its map, normalised to its peak,
         is above `auto_threshold` and above every other automatic concept's; then its region prompt and LoRA act

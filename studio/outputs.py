@@ -66,6 +66,15 @@ def a1111_infotext(result) -> str:
 CONCEPT_COLOURS = ((230, 60, 60), (50, 130, 240), (40, 190, 90), (240, 170, 30), (170, 80, 220), (30, 200, 200))
 
 
+def mask_outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """The cells of a boolean mask within `width` cells of its edge (4-neighbourhood), to draw it as an outline."""
+    inner = mask.copy()
+    for step in range(1, width + 1):
+        for axis, shift in ((0, step), (0, -step), (1, step), (1, -step)):
+            inner &= np.roll(mask, shift, axis=axis)
+    return mask & ~inner
+
+
 def overview(result, scale: int = 4) -> Image.Image:
     """The image enlarged (nearest, so small models' pixels stay sharp) with each concept's region outlined in its
     colour, then, per concept, the image with its attention map laid over it in that colour: why an image came out
@@ -79,10 +88,7 @@ def overview(result, scale: int = 4) -> Image.Image:
         colour = np.asarray(CONCEPT_COLOURS[k % len(CONCEPT_COLOURS)], np.float32)
         if name in result.masks:
             mask = np.asarray(tensor_to_png(result.masks[name], size), np.float32) > 127
-            inner = mask.copy()
-            for axis, shift in ((0, 1), (0, -1), (1, 1), (1, -1)):
-                inner &= np.roll(mask, shift, axis=axis)
-            outlined[mask & ~inner] = colour
+            outlined[mask_outline(mask)] = colour
         if name in result.maps:
             weight = np.asarray(tensor_to_png(result.maps[name], size), np.float32)[..., None] / 255.0 * 0.7
             panels.append(base * (1 - weight) + colour * weight)

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from studio.errors import Cancelled, StudioError
-from studio.outputs import CONCEPT_COLOURS
+from studio.outputs import CONCEPT_COLOURS, mask_outline
 from studio.spec import Composition, LoraEntry, Region, parse_composition
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,15 @@ def lora_card(path: str, info, index: int, family: str | None) -> dict:
             "warning": fit_warning(info, family, Path(path).name)}
 
 
+def made_for_another_base(info, family: str | None) -> bool:
+    """Whether a LoRA's recorded base model is known and is not the loaded model's family."""
+    return bool(info.base_model and family and info.base_model not in (family, "unknown"))
+
+
 def fit_warning(info, family: str | None, name: str) -> str:
     if info is None:
         return f"{name} is not in the library."
-    if info.base_model and family and info.base_model not in (family, "unknown"):
+    if made_for_another_base(info, family):
         return f"{name} is a LoRA for {info.base_model}, not for the loaded {family} model."
     return ""
 
@@ -335,7 +340,7 @@ class StudioState:
         shutil.copyfile(source, staging)
         try:
             info = inspect_lora(staging)
-            if info.base_model and self.family and info.base_model not in (self.family, "unknown"):
+            if made_for_another_base(info, self.family):
                 raise StudioError(f"The upload {name} is a LoRA for {info.base_model}, not for this studio's "
                                   f"{self.family} model.")
             target = self.upload_folder / name
@@ -576,8 +581,5 @@ def overlaid(image_path: Path, shown: list[str], kinds: list[str]) -> Image.Imag
         if "mask" in kinds and "mask" in files:
             with Image.open(files["mask"]) as m:
                 mask = np.asarray(m.convert("L").resize(image.size, Image.Resampling.NEAREST)) > 127
-            inner = mask.copy()
-            for axis, shift in ((0, 1), (0, -1), (1, 1), (1, -1), (0, 2), (0, -2), (1, 2), (1, -2)):
-                inner &= np.roll(mask, shift, axis=axis)
-            out[mask & ~inner] = colour
+            out[mask_outline(mask, width=2)] = colour
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))

@@ -168,7 +168,8 @@ def cost_sentence(state: StudioState, method: str, draft: dict, steps, size: str
     composer = registry()[method]
     try:
         params = composer.Params.model_validate(draft.get("params") if draft.get("params_method") == method else {})
-        passes = composer.expected_passes(len(draft["loras"]), max(1, int(steps or 1)), params)
+        auto = sum(bool((card.get("region") or {}).get("auto")) for card in draft["loras"])
+        passes = composer.expected_passes(len(draft["loras"]), max(1, int(steps or 1)), params, auto_regions=auto)
     except (ValueError, TypeError):
         passes = 1.0
     width, height = parse_size(size)

@@ -96,6 +96,10 @@ def test_the_cost_line_counts_unet_passes_and_times_them_on_this_device():
     line = webapp.cost_sentence(state, "lora_composer", two, 20, "64×64")
     assert "≈ 2.05 UNet passes per step" in line and "after the first run" in line  # 20 guided steps + re-init
     assert "≈ 3.00 UNet passes" in webapp.cost_sentence(state, "composite", {"loras": [{}] * 3}, 20, "64×64")
+    placed_automatically = {"loras": [{"region": {"auto": True}}, {"region": {"box": [0, 0, 1, 1]}}]}
+    assert "≈ 1.15 UNet passes" in webapp.cost_sentence(state, "regional", placed_automatically, 20, "64×64")  # 3 probes
+    assert "≈ 1.00 UNet passes" in webapp.cost_sentence(state, "regional", two, 20, "64×64")
+    assert "≈ 3.00 UNet passes" in webapp.cost_sentence(state, "latent_couple", two, 20, "64×64")
     state.timing.record(seconds_per_step=0.5, passes=1.0, pixels=64 * 64)
     assert "about 10.0 s for 20 steps" in webapp.cost_sentence(state, "regional", two, 20, "64×64")
     assert "about 40.0 s" in webapp.cost_sentence(state, "regional", two, 20, "128×128")  # 4× the pixels
@@ -205,3 +209,15 @@ def test_python_app_py_is_the_same_entry_point(tmp_path):
     result = subprocess.run([sys.executable, str(paths.PROJECT_ROOT / "app.py"), "--help"], capture_output=True,
                             text=True, cwd=tmp_path)
     assert result.returncode == 0 and "--port" in result.stdout, result.stderr
+
+
+def test_a_mask_outline_is_the_band_along_its_edge():
+    import numpy as np
+
+    from studio.outputs import mask_outline
+
+    mask = np.zeros((9, 9), bool)
+    mask[2:7, 2:7] = True  # a 5 × 5 square
+    assert mask_outline(mask).sum() == 16 and not mask_outline(mask)[4, 4]
+    assert mask_outline(mask, width=2).sum() == 24 and mask_outline(mask, width=2)[3, 3]
+    assert not mask_outline(mask)[0, 0]
