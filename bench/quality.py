@@ -41,6 +41,7 @@ COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 BACKGROUNDS = ("white", "grey", "black")
 STEPS, GUIDANCE = 20, 5.0
 OVERRIDES: dict[str, dict] = {}  # method -> parameters set for a run (--set)
+REFERENCE_ROW = "each LoRA alone (reference)"
 
 
 @dataclass
@@ -243,6 +244,21 @@ def score(judge, image: Image.Image, case: Case) -> dict:
                         "styled": case.style is not None and verdict.colour == case.style[1],
                         "leak": expected.concept is None and verdict.shape in concept_shapes,
                         "verdict": [verdict.shape, verdict.colour, verdict.texture]})
+    return case_score(regions, case)
+
+
+def alone_region(verdict, case: Case, k: int) -> dict:
+    """Concept k's region scored in the image of its LoRA alone (the same fields as a composed image's)."""
+    from studio.toyworld.judge import NOTHING
+
+    expected = case.expected[k]
+    return {"right": verdict.shape == expected.shape and verdict.colour == expected.colour,
+            "shape_right": verdict.shape == expected.shape, "vanished": verdict.shape == NOTHING,
+            "confused": verdict.shape in {c.shape for c in case.concepts} - {expected.shape}, "concept": True,
+            "styled": False, "leak": False, "verdict": [verdict.shape, verdict.colour, verdict.texture]}
+
+
+def case_score(regions: list[dict], case: Case) -> dict:
     concept_regions = [r for r in regions if r["concept"]]
     return {"all_right": all(r["right"] for r in regions), "regions": regions,
             "vanished": sum(r["vanished"] for r in concept_regions),
@@ -371,13 +387,28 @@ def run(suites: list[str], methods: list[str], n: int, split: str, out: Path, pr
             report["suites"][suite] = {"skipped": f"{missing[0]} is not in assets/loras"}
             continue
         alone = [0, 0]  # each concept's LoRA alone: shapes right in its box, boxes
+        reference = {"scores": [], "seconds": [], "images": [], "cases": [], "regions": []}
         for case in tqdm(cases, desc=f"{suite}: each LoRA alone", disable=not progress, leave=False):
+            regions, seconds = [], 0.0
             for k, concept in enumerate(case.concepts):
-                image, _ = runner.generate(alone_composition(case, k))
+                image, elapsed = runner.generate(alone_composition(case, k))
                 verdict = judge_regions(runner.judge, image, [case.boxes[k]])[0]
                 alone[0] += verdict.shape == concept.shape
                 alone[1] += 1
+                regions.append(alone_region(verdict, case, k))
+                seconds += elapsed
+                reference["images"].append(image)
+                reference["cases"].append(Case(**{**vars(case), "expected": [case.expected[k]]}))
+                reference["regions"].append({"regions": [regions[-1]]})
+            reference["scores"].append(case_score(regions, case))
+            reference["seconds"].append(seconds)
         report["suites"][suite] = {}
+        if cases[0].style is None:  # the ceiling of a composition: every concept right when each LoRA draws it alone
+            row = summarise(reference["scores"], reference["seconds"], tuple(alone))
+            row["method"], row["options"] = "merge", {"each LoRA alone": True}
+            row["contact_sheet"] = f"quality/{suite}-each-LoRA-alone.png"
+            contact_sheet(reference["images"], reference["cases"], reference["regions"], out / row["contact_sheet"])
+            report["suites"][suite][REFERENCE_ROW] = row
         for row_name, method, options in method_variants(suite, methods):
             images, scores, seconds = [], [], []
             for case in tqdm(cases, desc=f"{suite}: {row_name}", disable=not progress, leave=False):
@@ -437,6 +468,19 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def ordered_rows(rows: dict) -> dict:
+    """A suite's rows in one order whatever runs measured them: the reference first, then by method as BOX_METHODS
+    lists them, each method's variants after it."""
+    def key(item):
+        name, row = item
+        if name == REFERENCE_ROW:
+            return (-1,)
+        method = row.get("method")
+        return (BOX_METHODS.index(method) if method in BOX_METHODS else len(BOX_METHODS),)
+
+    return dict(sorted(rows.items(), key=key))
+
+
 def merged_with_earlier(report: dict, path: Path) -> dict:
     """A run of some suites or methods replaces those rows in an earlier report of the same split and settings and
     keeps the others (each row names the command that measured it)."""
@@ -452,7 +496,12 @@ def merged_with_earlier(report: dict, path: Path) -> dict:
     suites = {name: dict(rows) for name, rows in earlier.get("suites", {}).items() if "skipped" not in rows}
     for name, rows in report["suites"].items():
         suites[name] = rows if "skipped" in rows else {**suites.get(name, {}), **rows}
-    return {**report, "suites": {name: suites[name] for name in SUITES if name in suites}}
+    for name, rows in suites.items():
+        if "skipped" not in rows:
+            suites[name] = ordered_rows(rows)
+    runs = earlier.get("runs") or [{"command": earlier.get("command"), "minutes": earlier.get("minutes")}]
+    return {**report, "runs": runs + [{"command": report["command"], "minutes": report["minutes"]}],
+            "suites": {name: suites[name] for name in SUITES if name in suites}}
 
 
 def main(argv=None):

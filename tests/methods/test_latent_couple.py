@@ -35,12 +35,12 @@ def test_each_region_takes_its_own_pass_and_the_rest_the_global_pass(tiny_pipe, 
         fused = composer.predict(session, latents, 0, t)
         assert composer.passes(session) == 3.0
         names = list(session.adapters)
-        session.controller.adapter_batch_rows = {}
         reference = {}
+        plain = {"contexts": [], "adapter_regions": {}, "adapter_batch_rows": {}, "isolate_concepts": False}
         for key, active, prompt in ((None, [names[2]], PROMPT),
                                     (names[0], [names[0], names[2]], session.adapters[names[0]].prompt),
                                     (names[1], [names[1], names[2]], session.adapters[names[1]].prompt)):
-            with only_adapters(tiny_pipe, active):
+            with session.controller.override(**plain), only_adapters(tiny_pipe, active):  # ordinary passes
                 conditioning = session.encode([prompt], [""], text_adapters=active)
                 out = unet_pass(tiny_pipe, torch.cat([latents, latents]), t, conditioning)
             reference[key] = out[:1] + 5.0 * (out[1:] - out[:1])
@@ -63,3 +63,12 @@ def test_regions_placed_automatically_are_refused_in_one_sentence(tiny_pipe, tin
     entries[0] = entries[0].model_copy(update={"region": Region(auto=True)})
     with pytest.raises(PresetError, match="placed automatically use the regional method"):
         compose(tiny_pipe, spec(entries, steps=2))
+
+
+def test_the_last_steps_can_run_as_the_one_pass_regional_method(tiny_pipe, tiny_loras):
+    """couple_until = 0.5 of 4 steps: 2 steps of 3 passes, then 2 of 1; couple_until = 0 is the regional method."""
+    half = compose(tiny_pipe, spec(_entries(tiny_loras), steps=4, params={"couple_until": 0.5}))
+    assert half.info["unet_passes_per_step"] == 2.0
+    none = compose(tiny_pipe, spec(_entries(tiny_loras), steps=4, params={"couple_until": 0.0})).latents
+    regional = compose(tiny_pipe, spec(_entries(tiny_loras), steps=4).model_copy(update={"method": "regional"})).latents
+    assert torch.allclose(none, regional, atol=1e-5)
