@@ -9,7 +9,7 @@ from typing import Iterator
 
 import torch
 
-from attention.masks import blend_weights, coverage_mask, isolation_mask, resize_mask, token_grid
+from attention.masks import blend_weights, isolation_mask, resize_mask, token_grid
 from attention.store import AttentionStore
 
 # LoRA layers whose input is text tokens: never masked spatially (regions get their own K/V instead).
@@ -48,14 +48,9 @@ class CompositionController:
         return token_grid(n_tokens, *self.latent_size)
 
     def region_at(self, adapter: str, rows: int, cols: int) -> torch.Tensor:
-        """An adapter's LoRA gate at a layer's grid: max-pooled where the grid is coarser than the latent, so that a
-        cell the region reaches gets the LoRA at full strength (area-averaged, a small concept's LoRA acted at a
-        fraction of its weight in the coarse layers and lost its shape: two concepts of their own words both right
-        83 % → 92 % of the quality benchmark's development compositions, shape accuracy 92 % → 96 %, the same as each
-        LoRA alone)."""
         key = ("region", adapter, rows, cols)
         if key not in self._cache:
-            self._cache[key] = coverage_mask(self.adapter_regions[adapter], rows, cols)
+            self._cache[key] = resize_mask(self.adapter_regions[adapter], rows, cols)
         return self._cache[key]
 
     def context_weights(self, rows: int, cols: int) -> list[torch.Tensor]:

@@ -65,16 +65,6 @@ def resize_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(mask[None, None], size=(height, width), mode=mode)[0, 0]
 
 
-def coverage_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Max-pool a (H, W) mask down (or nearest up) to (height, width): each cell takes the strongest value the mask
-    has inside it."""
-    if mask.shape == (height, width):
-        return mask
-    if height <= mask.shape[0] and width <= mask.shape[1]:
-        return F.adaptive_max_pool2d(mask[None, None], (height, width))[0, 0]
-    return F.interpolate(mask[None, None], size=(height, width), mode="nearest")[0, 0]
-
-
 def token_grid(n_tokens: int, latent_height: int, latent_width: int) -> tuple[int, int]:
     """The (rows, cols) grid of a layer with n_tokens spatial tokens, following the UNet's stride-2
     downsamplers (ceil division) from the latent size."""

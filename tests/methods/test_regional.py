@@ -154,15 +154,3 @@ def test_a_context_is_attended_only_where_it_is_blended(tiny_pipe):
     everywhere = CompositionController((8, 8))
     everywhere.contexts = [ctrl.contexts[0], CrossContext("all", torch.zeros(1, 77, 8), torch.ones(8, 8))]
     assert everywhere.context_support(8, 8)[1] is None  # the whole image: no indexing at all
-
-
-def test_a_lora_gate_reaches_full_strength_in_every_coarse_cell_its_region_touches():
-    import torch
-
-    from attention.masks import coverage_mask, resize_mask
-
-    mask = torch.zeros(4, 6)
-    mask[1, 2:4] = 1.0  # one row of a 4 × 6 latent, two columns
-    assert coverage_mask(mask, 2, 3).tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
-    assert resize_mask(mask, 2, 3)[0, 1] == 0.5  # area-averaged, as cross-attention's blend weights are
-    assert torch.equal(coverage_mask(mask, 4, 6), mask) and coverage_mask(mask, 8, 12).sum() == 8
