@@ -229,33 +229,24 @@ def alone_composition(case: Case, k: int):
 # --- scoring ----------------------------------------------------------------------------------------------------
 def score(judge, image: Image.Image, case: Case) -> dict:
     """Per region: right (shape and colour), vanished, confused; for the style suite, style applied and leakage."""
-    from studio.toyworld.judge import NOTHING
-
     verdicts = judge_regions(judge, image, [e.box for e in case.expected])
-    concept_shapes = {c.shape for c in case.concepts}
-    regions = []
-    for expected, verdict in zip(case.expected, verdicts):
-        others = concept_shapes - {expected.shape}
-        regions.append({"right": verdict.shape == expected.shape and verdict.colour == expected.colour,
-                        "shape_right": verdict.shape == expected.shape,
-                        "vanished": verdict.shape == NOTHING,
-                        "confused": verdict.shape in others,
-                        "concept": expected.concept is not None,
-                        "styled": case.style is not None and verdict.colour == case.style[1],
-                        "leak": expected.concept is None and verdict.shape in concept_shapes,
-                        "verdict": [verdict.shape, verdict.colour, verdict.texture]})
-    return case_score(regions, case)
+    return case_score([region_score(verdict, expected, case) for expected, verdict in zip(case.expected, verdicts)],
+                      case)
 
 
-def alone_region(verdict, case: Case, k: int) -> dict:
-    """Concept k's region scored in the image of its LoRA alone (the same fields as a composed image's)."""
+def region_score(verdict, expected: Expected, case: Case) -> dict:
+    """One region's verdict against what was asked there (in a composed image, or in the image of its LoRA alone)."""
     from studio.toyworld.judge import NOTHING
 
-    expected = case.expected[k]
+    concept_shapes = {c.shape for c in case.concepts}
     return {"right": verdict.shape == expected.shape and verdict.colour == expected.colour,
-            "shape_right": verdict.shape == expected.shape, "vanished": verdict.shape == NOTHING,
-            "confused": verdict.shape in {c.shape for c in case.concepts} - {expected.shape}, "concept": True,
-            "styled": False, "leak": False, "verdict": [verdict.shape, verdict.colour, verdict.texture]}
+            "shape_right": verdict.shape == expected.shape,
+            "vanished": verdict.shape == NOTHING,
+            "confused": verdict.shape in concept_shapes - {expected.shape},
+            "concept": expected.concept is not None,
+            "styled": case.style is not None and verdict.colour == case.style[1],
+            "leak": expected.concept is None and verdict.shape in concept_shapes,
+            "verdict": [verdict.shape, verdict.colour, verdict.texture]}
 
 
 def case_score(regions: list[dict], case: Case) -> dict:
@@ -395,7 +386,7 @@ def run(suites: list[str], methods: list[str], n: int, split: str, out: Path, pr
                 verdict = judge_regions(runner.judge, image, [case.boxes[k]])[0]
                 alone[0] += verdict.shape == concept.shape
                 alone[1] += 1
-                regions.append(alone_region(verdict, case, k))
+                regions.append(region_score(verdict, case.expected[k], case))
                 seconds += elapsed
                 reference["images"].append(image)
                 reference["cases"].append(Case(**{**vars(case), "expected": [case.expected[k]]}))

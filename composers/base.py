@@ -84,6 +84,17 @@ def cfg_prediction(session: Session, latents: torch.Tensor, t, cond: Conditionin
     return classifier_free_guidance(uncond, text, session.guidance)
 
 
+def blended_guidance(session: Session, out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One batched call's n passes ([uncond_0..uncond_{n-1}, cond_0..cond_{n-1}] with CFG) blended by their (n, H, W)
+    weights, unconditional and conditional rows alike, then guided."""
+    n = weights.shape[0]
+    weights = weights[:, None]  # (n, 1, H, W)
+    if not session.do_cfg:
+        return (out * weights).sum(0, keepdim=True)
+    return classifier_free_guidance((out[:n] * weights).sum(0, keepdim=True), (out[n:] * weights).sum(0, keepdim=True),
+                                    session.guidance)
+
+
 def per_lora_conditionings(session: Session, names: list[str], shared_adapters: list[str] | None = None
                            ) -> dict[str, Conditioning]:
     """The prompt encoded for each LoRA's pass: with that LoRA's text-encoder part, or (`shared_adapters`, the

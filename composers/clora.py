@@ -18,8 +18,8 @@ from attention.gates import attach_gates, detach_gates
 from attention.processors import composer_layers, install_processors
 from attention.store import AttentionStore
 from attention.tokens import deal_tokens, word_occurrences
-from composers.base import Composer, interleave_cfg, row_selectors
-from studio.engine import Session, classifier_free_guidance, unet_pass, unet_pass_until
+from composers.base import Composer, blended_guidance, interleave_cfg, row_selectors
+from studio.engine import Session, unet_pass, unet_pass_until
 from studio.errors import PresetError
 
 
@@ -189,13 +189,7 @@ class ClorComposer(Composer):
         with session.controller.override(store=store):
             out = unet_pass(session.pipe, latents.expand(self.cond.embeds.shape[0], -1, -1, -1), t, self.cond)
         maps = self._maps(store)
-        weights = self._fusion_weights(session, maps, latents.shape[-2:])  # (N+1, H, W)
-        if session.do_cfg:
-            uncond, cond = out[: self.n_rows], out[self.n_rows:]
-            fused_u = (uncond * weights[:, None]).sum(0, keepdim=True)
-            fused_c = (cond * weights[:, None]).sum(0, keepdim=True)
-            return classifier_free_guidance(fused_u, fused_c, session.guidance)
-        return (out * weights[:, None]).sum(0, keepdim=True)
+        return blended_guidance(session, out, self._fusion_weights(session, maps, latents.shape[-2:]))
 
     def _fusion_weights(self, session: Session, maps: torch.Tensor, latent_hw) -> torch.Tensor:
         """M_k = [A_k > α·max A_k] over concept k's tokens in its own prompt, upsampled to the latent;

@@ -11,9 +11,9 @@ import torch
 from pydantic import Field
 
 from attention.masks import blend_weights
-from composers.base import interleave_cfg, row_selectors
+from composers.base import blended_guidance, interleave_cfg, row_selectors
 from composers.regional import RegionalComposer, RegionalParams
-from studio.engine import Session, classifier_free_guidance, unet_pass
+from studio.engine import Session, unet_pass
 from studio.errors import PresetError
 
 
@@ -49,13 +49,8 @@ class LatentCoupleComposer(RegionalComposer):
         regions = session.controller.adapter_regions
         if not regions:
             return
-        everywhere = [name for name in session.adapters if name not in regions]
-        parts = [session.encode([session.prompt], [session.negative_prompt], text_adapters=everywhere)]
-        for name in regions:
-            entry = session.adapters[name]
-            negative = entry.negative_prompt if entry.negative_prompt is not None else session.negative_prompt
-            parts.append(session.encode([entry.prompt or session.prompt], [negative],
-                                        text_adapters=[name] + everywhere))
+        # the global prompt (with the adapters acting everywhere) and each region's, as the regional setup encoded them
+        parts = [self.cond] + [self.region_conds[name] for name in regions]
         self.pass_cond = interleave_cfg(parts, session.do_cfg)
         self.pass_rows = dict(zip(regions, row_selectors(len(parts), session.do_cfg)[1:]))
         region_weights, background = blend_weights(list(regions.values()))
@@ -70,13 +65,7 @@ class LatentCoupleComposer(RegionalComposer):
                                          adapter_batch_rows=self.pass_rows):
             out = unet_pass(session.pipe, latents.expand(self.pass_cond.embeds.shape[0], -1, -1, -1), t,
                             self.pass_cond)
-        weights = self.weights.to(out)[:, None]  # (N+1, 1, H, W)
-        n = len(self.pass_rows) + 1
-        if not session.do_cfg:
-            return (out * weights).sum(0, keepdim=True)
-        uncond, cond = out[:n], out[n:]
-        return classifier_free_guidance((uncond * weights).sum(0, keepdim=True),
-                                        (cond * weights).sum(0, keepdim=True), session.guidance)
+        return blended_guidance(session, out, self.weights.to(out))
 
     @classmethod
     def expected_passes(cls, n_loras: int, steps: int, params, auto_regions: int = 0) -> float:
@@ -84,7 +73,4 @@ class LatentCoupleComposer(RegionalComposer):
         return (coupled * (n_loras + 1) + (steps - coupled)) / steps if n_loras else 1.0
 
     def passes(self, session: Session) -> float:
-        if self.pass_cond is None:
-            return 1.0
-        coupled = min(self.coupled_steps, session.steps)
-        return (coupled * (len(self.pass_rows) + 1) + (session.steps - coupled)) / session.steps
+        return self.expected_passes(len(self.pass_rows), session.steps, self.params)

@@ -67,6 +67,7 @@ class RegionalComposer(Composer):
         self.auto_tokens: dict[str, list[int]] = {}  # concept placed automatically -> its tokens in the global prompt
         self.auto_maps: dict[str, torch.Tensor] = {}  # ... -> its attention map summed over the probing steps
         self._everywhere: list[str] = []  # adapters acting everywhere (styles, concepts given no region)
+        self.region_conds: dict = {}  # placed concept -> its region prompt encoded with its text-encoder part
 
     def setup(self, session: Session) -> None:
         ctrl = session.controller
@@ -95,6 +96,7 @@ class RegionalComposer(Composer):
         negative = entry.negative_prompt if entry.negative_prompt is not None else session.negative_prompt
         adapters = [name] + self._everywhere
         cond = session.encode([entry.prompt or session.prompt], [negative], text_adapters=adapters)
+        self.region_conds[name] = cond
         return CrossContext(name, cond.embeds, mask, adapters)
 
     def concept_tokens(self, session: Session, index: int, name: str) -> list[int]:
@@ -153,7 +155,7 @@ class RegionalComposer(Composer):
         return super().predict(session, latents, step, t)
 
     def passes(self, session: Session) -> float:
-        return 1.0 + (min(self.params.auto_steps, session.steps) / session.steps if self.auto_tokens else 0.0)
+        return self.expected_passes(len(session.adapters), session.steps, self.params, len(self.auto_tokens))
 
     @classmethod
     def expected_passes(cls, n_loras: int, steps: int, params, auto_regions: int = 0) -> float:
